@@ -1,0 +1,5 @@
+import sys
+
+from octofs.cli import main
+
+sys.exit(main())
