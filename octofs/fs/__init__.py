@@ -1,0 +1,1 @@
+"""fs: the primary's FUSE layer; the only package that imports pyfuse3."""

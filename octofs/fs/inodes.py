@@ -1,0 +1,193 @@
+"""fs/inodes.py: owns the map between FUSE inode numbers and entries of the backing dir.
+
+Invariants:
+- A node is identified by the backing file's ``(st_dev, st_ino)`` while it has at
+  least one name; FUSE inode numbers are our own counter and are never reused, so a
+  backing inode number that the filesystem recycles can never alias an old node.
+- A node knows its names as ``(parent FUSE inode, name)`` pairs, never as full
+  paths: renaming a directory updates one pair and every descendant's path follows.
+  A directory has at most one name; a file has one per hard link we have seen.
+- A node with no names is unlinked: it lives on only while the kernel holds a lookup
+  reference (e.g. an open file) and its changes are not journaled, because they can
+  no longer affect the tree.
+- Nodes are dropped when the kernel's lookup count reaches zero (``forget``); the
+  kernel keeps parent directories referenced while children are, so a path can
+  always be rebuilt for a node the kernel still knows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import pyfuse3
+
+log = logging.getLogger(__name__)
+
+ROOT = pyfuse3.ROOT_INODE
+
+
+@dataclass(slots=True, eq=False)
+class Node:
+    """One inode known to the kernel.
+
+    Attributes:
+        ino: our FUSE inode number.
+        key: ``(st_dev, st_ino)`` of the backing file, or None once unlinked.
+        names: the entries that point at it, as ``(parent ino, name)``.
+        lookups: the kernel's lookup count.
+        fds: backing file descriptors open on it (to stat it once unlinked).
+    """
+
+    ino: int
+    key: tuple[int, int] | None
+    names: set[tuple[int, bytes]] = field(default_factory=set)
+    lookups: int = 0
+    fds: set[int] = field(default_factory=set)
+
+
+class InodeTable:
+    """The kernel's view of the backing dir: FUSE inode ↔ entries.
+
+    Args:
+        root_key: ``(st_dev, st_ino)`` of the backing dir itself.
+    """
+
+    def __init__(self, root_key: tuple[int, int]) -> None:
+        self._next_ino = ROOT + 1
+        root = Node(ROOT, root_key, lookups=1)
+        self._nodes: dict[int, Node] = {ROOT: root}
+        self._by_key: dict[tuple[int, int], int] = {root_key: ROOT}
+        self._entries: dict[tuple[int, bytes], int] = {}
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __getitem__(self, ino: int) -> Node:
+        return self._nodes[ino]
+
+    def get(self, ino: int) -> Node | None:
+        return self._nodes.get(ino)
+
+    def entry(self, parent: int, name: bytes) -> Node | None:
+        """The node a known entry points at, or None if the entry is unknown."""
+        ino = self._entries.get((parent, name))
+        return None if ino is None else self._nodes.get(ino)
+
+    # -- paths --------------------------------------------------------------
+
+    def path(self, ino: int) -> bytes | None:
+        """The vault-relative path of ``ino`` (b"" for the root), or None if unlinked."""
+        parts: list[bytes] = []
+        while ino != ROOT:
+            node = self._nodes.get(ino)
+            if node is None or not node.names:
+                return None
+            # Any name will do for a hard-linked file: all of them reach the same inode.
+            ino, name = min(node.names)
+            parts.append(name)
+        parts.reverse()
+        return b"/".join(parts)
+
+    def child_path(self, parent: int, name: bytes) -> bytes | None:
+        base = self.path(parent)
+        if base is None:
+            return None
+        return base + b"/" + name if base else name
+
+    # -- changes ------------------------------------------------------------
+
+    def remember(self, parent: int, name: bytes, st: os.stat_result) -> Node:
+        """Record that ``parent/name`` is the backing file ``st``; return its node.
+
+        Does not change the lookup count (call ``incref`` once the kernel accepted it).
+        """
+        key = (st.st_dev, st.st_ino)
+        old = self._entries.get((parent, name))
+        if old is not None:
+            old_node = self._nodes.get(old)
+            if old_node is not None and old_node.key == key:
+                return old_node
+            # The entry now names another file (changed behind the kernel's back,
+            # e.g. replaced by a rename we did not see as such): forget the stale link.
+            self._unlink_entry(parent, name)
+        ino = self._by_key.get(key)
+        if ino is None:
+            ino = self._next_ino
+            self._next_ino += 1
+            node = Node(ino, key)
+            self._nodes[ino] = node
+            self._by_key[key] = ino
+        else:
+            node = self._nodes[ino]
+        node.names.add((parent, name))
+        self._entries[(parent, name)] = ino
+        return node
+
+    def incref(self, node: Node, count: int = 1) -> None:
+        node.lookups += count
+
+    def forget(self, ino: int, count: int) -> None:
+        node = self._nodes.get(ino)
+        if node is None or ino == ROOT:
+            return
+        node.lookups -= count
+        if node.lookups <= 0:
+            self._drop(node)
+
+    def drop_if_unreferenced(self, node: Node) -> None:
+        """Drop a node the kernel never accepted (e.g. a readdir entry that did not fit)."""
+        if node.lookups <= 0 and node.ino != ROOT:
+            self._drop(node)
+
+    def _drop(self, node: Node) -> None:
+        for parent, name in node.names:
+            if self._entries.get((parent, name)) == node.ino:
+                del self._entries[(parent, name)]
+        node.names.clear()
+        if node.key is not None and self._by_key.get(node.key) == node.ino:
+            del self._by_key[node.key]
+        del self._nodes[node.ino]
+
+    def unlinked(self, parent: int, name: bytes) -> None:
+        """``parent/name`` was removed from the backing dir."""
+        self._unlink_entry(parent, name)
+
+    def _unlink_entry(self, parent: int, name: bytes) -> None:
+        ino = self._entries.pop((parent, name), None)
+        if ino is None:
+            return
+        node = self._nodes.get(ino)
+        if node is None:
+            return
+        node.names.discard((parent, name))
+        if not node.names and node.key is not None:
+            # No name left: the backing inode number may be recycled by a new file.
+            if self._by_key.get(node.key) == ino:
+                del self._by_key[node.key]
+            node.key = None
+
+    def renamed(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes) -> None:
+        """``old`` was renamed over ``new`` (which, if it existed, lost that name)."""
+        self._unlink_entry(new_parent, new_name)
+        ino = self._entries.pop((old_parent, old_name), None)
+        if ino is None:
+            return
+        node = self._nodes[ino]
+        node.names.discard((old_parent, old_name))
+        node.names.add((new_parent, new_name))
+        self._entries[(new_parent, new_name)] = ino
+
+    def exchanged(self, parent_a: int, name_a: bytes, parent_b: int, name_b: bytes) -> None:
+        """``a`` and ``b`` swapped places atomically (RENAME_EXCHANGE)."""
+        ino_a = self._entries.pop((parent_a, name_a), None)
+        ino_b = self._entries.pop((parent_b, name_b), None)
+        for ino, old, new in ((ino_a, (parent_a, name_a), (parent_b, name_b)),
+                              (ino_b, (parent_b, name_b), (parent_a, name_a))):
+            if ino is None:
+                continue
+            node = self._nodes[ino]
+            node.names.discard(old)
+            node.names.add(new)
+            self._entries[new] = ino

@@ -1,0 +1,562 @@
+"""fs/operations.py: owns the FUSE request handlers of a primary mount.
+
+Invariants:
+- Each mutating handler does the backing-dir syscall, then, if it succeeded,
+  records the resulting op with ``Recorder.record`` — with no ``await`` between
+  the two (DESIGN invariant 1; docs/CONCURRENCY.md §2). A failed syscall is not
+  journaled; its errno goes back to the application unchanged.
+- The op carries the result as the backing dir shows it after the syscall (final
+  mode, owner, mtime), read back with fstat/lstat, so replay is exact.
+- An fsync, fdatasync, fsyncdir or a write on an O_SYNC/O_DSYNC file records an
+  FsyncOp (a barrier) and returns only once the journal is durable up to it
+  (invariant 3).
+- The only exception a handler raises is FUSEError. Any other exception is a bug
+  and ends the mount (daemon.py logs the traceback).
+- Changes to an unlinked-but-open file are applied but not journaled: they cannot
+  affect the tree any more.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable
+from typing import TypeVar
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from octofs.fs.inodes import ROOT, InodeTable, Node
+from octofs.fs.recorder import Recorder
+from octofs.ops import (
+    CreateOp,
+    FsyncOp,
+    LinkOp,
+    MkdirOp,
+    MknodOp,
+    RemovexattrOp,
+    RenameOp,
+    RmdirOp,
+    SetattrOp,
+    SetxattrOp,
+    SymlinkOp,
+    TruncateOp,
+    UnlinkOp,
+    WriteOp,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_AT_FDCWD = -100
+
+# Flags we never pass to the backing open():
+# - O_APPEND: the kernel already turned an append into a write at the end offset;
+#   on Linux pwrite() on an O_APPEND fd ignores the offset, and the journal must
+#   record the offset that was really written.
+# - O_DIRECT: pyfuse3's buffers are not aligned, the backing write would fail EINVAL.
+# - O_CREAT/O_EXCL/O_NOCTTY: open() of an existing inode; create() handles creation.
+_STRIP_FLAGS = os.O_APPEND | os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY
+_SYNC_FLAGS = os.O_SYNC | os.O_DSYNC  # O_SYNC includes the O_DSYNC bit on Linux
+_ACCMODE = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
+
+
+def _passthrough(fn: Callable[..., T], *args, **kwargs) -> T:
+    """Call a backing-dir syscall; map OSError to the same errno for the application."""
+    try:
+        return fn(*args, **kwargs)
+    except OSError as exc:
+        raise FUSEError(exc.errno) from None
+
+
+def _renameat2(old: bytes, new: bytes, flags: int) -> None:
+    if _libc.renameat2(_AT_FDCWD, old, _AT_FDCWD, new, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class _DirHandle:
+    __slots__ = ("ino", "names")
+
+    def __init__(self, ino: int) -> None:
+        self.ino = ino
+        self.names: list[bytes] = []
+
+
+class PassthroughOperations(pyfuse3.Operations):
+    """Passes every request through to the backing dir and journals each change.
+
+    Args:
+        backing_dir: the real directory (absolute).
+        recorder: the journal appender (owns failsafe).
+        entry_timeout_s / attr_timeout_s: how long the kernel may cache names and
+            attributes. octofs owns the backing dir (nobody else may change it), so
+            caching is safe; the values trade memory for fewer requests.
+
+    Attributes:
+        failsafe: mirrors ``recorder.failsafe``: True once a change could not be
+            journaled; every later change fails with EROFS until remount.
+    """
+
+    # Off so that every application write reaches us as a write (and so as one op),
+    # and writes to one inode are serialized by the kernel (pyfuse3 general.rst).
+    enable_writeback_cache = False
+    # No NFS export: "." and ".." lookups are never needed.
+    supports_dot_lookup = False
+    enable_acl = False
+
+    def __init__(
+        self,
+        backing_dir: bytes,
+        recorder: Recorder,
+        *,
+        entry_timeout_s: float = 1.0,
+        attr_timeout_s: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self._root = os.path.abspath(backing_dir)
+        st = os.lstat(self._root)
+        self.inodes = InodeTable((st.st_dev, st.st_ino))
+        self.recorder = recorder
+        self._entry_timeout = entry_timeout_s
+        self._attr_timeout = attr_timeout_s
+        self._fh_node: dict[int, Node] = {}  # open file: backing fd → node
+        self._fh_sync: dict[int, bool] = {}  # open file: backing fd → O_SYNC/O_DSYNC?
+        self._dirs: dict[int, _DirHandle] = {}
+        self._next_dir_fh = 1
+        self._is_root_user = os.geteuid() == 0
+
+    @property
+    def failsafe(self) -> bool:
+        return self.recorder.failsafe
+
+    # -- helpers ------------------------------------------------------------
+
+    def _abs(self, rel: bytes) -> bytes:
+        return self._root + b"/" + rel if rel else self._root
+
+    def _path(self, ino: int) -> bytes:
+        """Relative path of a linked inode; ESTALE if the kernel asks about one we do not know."""
+        rel = self.inodes.path(ino)
+        if rel is None:
+            node = self.inodes.get(ino)
+            # ENOENT for an unlinked node (it really is gone), ESTALE for a node we never knew.
+            raise FUSEError(errno.ENOENT if node is not None else errno.ESTALE)
+        return rel
+
+    def _child(self, parent_inode: int, name: bytes) -> bytes:
+        base = self._path(parent_inode)
+        return base + b"/" + name if base else name
+
+    def _attrs(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        a.entry_timeout = self._entry_timeout
+        a.attr_timeout = self._attr_timeout
+        a.st_mode = st.st_mode
+        a.st_nlink = st.st_nlink
+        a.st_uid = st.st_uid
+        a.st_gid = st.st_gid
+        a.st_rdev = st.st_rdev
+        a.st_size = st.st_size
+        a.st_blksize = st.st_blksize
+        a.st_blocks = st.st_blocks
+        a.st_atime_ns = st.st_atime_ns
+        a.st_mtime_ns = st.st_mtime_ns
+        a.st_ctime_ns = st.st_ctime_ns
+        return a
+
+    def _stat_node(self, node: Node) -> os.stat_result:
+        rel = self.inodes.path(node.ino)
+        if rel is None:
+            if node.fds:
+                return _passthrough(os.fstat, next(iter(node.fds)))
+            raise FUSEError(errno.ENOENT)
+        return _passthrough(os.lstat, self._abs(rel))
+
+    def _new_entry(self, parent_inode: int, name: bytes, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        node = self.inodes.remember(parent_inode, name, st)
+        self.inodes.incref(node)
+        return self._attrs(node, st)
+
+    def _owner_for_new(self, parent_rel: bytes, ctx: pyfuse3.RequestContext) -> tuple[int, int] | None:
+        """The owner a new node should get, or None when we cannot chown (not root).
+
+        The group follows the parent when the parent is set-group-ID (BSD group
+        semantics), exactly as the kernel does for a native create.
+        """
+        if not self._is_root_user:
+            return None
+        pst = os.lstat(self._abs(parent_rel))
+        gid = pst.st_gid if pst.st_mode & stat.S_ISGID else ctx.gid
+        return ctx.uid, gid
+
+    def _chown_new(self, abs_path: bytes, owner: tuple[int, int] | None, wanted_mode: int | None) -> os.stat_result:
+        """Give a just-created node its owner, restore mode bits chown cleared; return its lstat."""
+        if owner is not None:
+            os.chown(abs_path, owner[0], owner[1], follow_symlinks=False)
+        st = os.lstat(abs_path)
+        if wanted_mode is not None and not stat.S_ISLNK(st.st_mode):
+            lost = wanted_mode & ~st.st_mode & 0o7777
+            if lost:  # chown() by root clears set-user/group-ID bits the caller asked for
+                os.chmod(abs_path, (st.st_mode | lost) & 0o7777)
+                st = os.lstat(abs_path)
+        return st
+
+    def _record(self, op) -> int:
+        return self.recorder.record(op)
+
+    # -- lookup and attributes ---------------------------------------------
+
+    async def lookup(self, parent_inode, name, ctx):
+        rel = self._child(parent_inode, name)
+        st = _passthrough(os.lstat, self._abs(rel))
+        return self._new_entry(parent_inode, name, st)
+
+    async def forget(self, inode_list):
+        for ino, count in inode_list:
+            self.inodes.forget(ino, count)
+
+    async def getattr(self, inode, ctx):
+        node = self.inodes.get(inode)
+        if node is None:
+            raise FUSEError(errno.ESTALE)
+        return self._attrs(node, self._stat_node(node))
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        self.recorder.check_writable()
+        node = self.inodes.get(inode)
+        if node is None:
+            raise FUSEError(errno.ESTALE)
+        rel = self.inodes.path(inode)
+        target = fh if fh is not None and fh in self._fh_node else (self._abs(rel) if rel is not None else None)
+        if target is None:
+            if not node.fds:
+                raise FUSEError(errno.ENOENT)
+            target = next(iter(node.fds))
+        is_fd = isinstance(target, int)
+        st = self._stat_node(node)
+        is_link = stat.S_ISLNK(st.st_mode)
+        try:
+            if fields.update_size:
+                os.truncate(target, attr.st_size)
+            if fields.update_mode and not is_link:
+                os.chmod(target, stat.S_IMODE(attr.st_mode))
+            if fields.update_uid or fields.update_gid:
+                uid = attr.st_uid if fields.update_uid else -1
+                gid = attr.st_gid if fields.update_gid else -1
+                if is_fd:
+                    os.fchown(target, uid, gid)
+                else:
+                    os.chown(target, uid, gid, follow_symlinks=False)
+            if fields.update_atime or fields.update_mtime:
+                cur = os.fstat(target) if is_fd else os.lstat(target)
+                atime = attr.st_atime_ns if fields.update_atime else cur.st_atime_ns
+                mtime = attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns
+                if is_fd:
+                    os.utime(target, ns=(atime, mtime))
+                else:
+                    os.utime(target, ns=(atime, mtime), follow_symlinks=False)
+        except OSError as exc:
+            # Part of the change may have happened (e.g. truncate then EPERM on chown):
+            # journal what the backing dir now shows before reporting the error.
+            self._record_setattr(rel, fields, node)
+            raise FUSEError(exc.errno) from None
+        st = self._record_setattr(rel, fields, node)
+        return self._attrs(node, st)
+
+    def _record_setattr(self, rel: bytes | None, fields, node: Node) -> os.stat_result:
+        st = self._stat_node(node)
+        if rel is None:
+            return st
+        if fields.update_size:
+            self._record(TruncateOp(rel, st.st_size, st.st_mtime_ns))
+        owner = fields.update_uid or fields.update_gid
+        if fields.update_mode or owner or fields.update_atime or fields.update_mtime:
+            is_link = stat.S_ISLNK(st.st_mode)
+            self._record(
+                SetattrOp(
+                    rel,
+                    # chown may clear set-ID bits: record the resulting mode too.
+                    mode=stat.S_IMODE(st.st_mode) if (fields.update_mode or owner) and not is_link else None,
+                    uid=st.st_uid if owner else None,
+                    gid=st.st_gid if owner else None,
+                    atime_ns=st.st_atime_ns if (fields.update_atime or fields.update_mtime) else None,
+                    mtime_ns=st.st_mtime_ns if (fields.update_atime or fields.update_mtime) else None,
+                )
+            )
+        return st
+
+    async def readlink(self, inode, ctx):
+        return _passthrough(os.readlink, self._abs(self._path(inode)))
+
+    async def access(self, inode, mode, ctx):
+        # Only called without default_permissions; octofs always mounts with it,
+        # so this is a plain existence + mode-bit check for completeness.
+        node = self.inodes.get(inode)
+        if node is None:
+            raise FUSEError(errno.ESTALE)
+        st = self._stat_node(node)
+        if ctx.uid == 0:
+            ok = not (mode & os.X_OK) or stat.S_ISDIR(st.st_mode) or bool(st.st_mode & 0o111)
+        else:
+            if ctx.uid == st.st_uid:
+                bits = (st.st_mode >> 6) & 7
+            elif ctx.gid == st.st_gid:
+                bits = (st.st_mode >> 3) & 7
+            else:
+                bits = st.st_mode & 7
+            ok = (mode & bits) == mode
+        if not ok:
+            raise FUSEError(errno.EACCES)
+        return True
+
+    async def statfs(self, ctx):
+        sv = _passthrough(os.statvfs, self._root)
+        out = pyfuse3.StatvfsData()
+        for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail"):
+            setattr(out, attr, getattr(sv, attr))
+        out.f_namemax = sv.f_namemax
+        return out
+
+    # -- creating and removing names ------------------------------------------
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        self.recorder.check_writable()
+        parent_rel = self._path(parent_inode)
+        rel = self._child(parent_inode, name)
+        path = self._abs(rel)
+        perm = stat.S_IMODE(mode) & ~ctx.umask
+        _passthrough(os.mknod, path, stat.S_IFMT(mode) | perm, rdev)
+        st = _passthrough(self._chown_new, path, self._owner_for_new(parent_rel, ctx), perm)
+        self._record(MknodOp(rel, st.st_mode, st.st_rdev, st.st_uid, st.st_gid, st.st_mtime_ns))
+        return self._new_entry(parent_inode, name, st)
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        self.recorder.check_writable()
+        parent_rel = self._path(parent_inode)
+        rel = self._child(parent_inode, name)
+        path = self._abs(rel)
+        perm = stat.S_IMODE(mode) & ~ctx.umask
+        _passthrough(os.mkdir, path, perm)
+        st = _passthrough(self._chown_new, path, self._owner_for_new(parent_rel, ctx), perm)
+        self._record(MkdirOp(rel, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns))
+        return self._new_entry(parent_inode, name, st)
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        self.recorder.check_writable()
+        parent_rel = self._path(parent_inode)
+        rel = self._child(parent_inode, name)
+        path = self._abs(rel)
+        _passthrough(os.symlink, target, path)
+        st = _passthrough(self._chown_new, path, self._owner_for_new(parent_rel, ctx), None)
+        self._record(SymlinkOp(rel, target, st.st_uid, st.st_gid, st.st_mtime_ns))
+        return self._new_entry(parent_inode, name, st)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        self.recorder.check_writable()
+        src = self._path(inode)
+        rel = self._child(new_parent_inode, new_name)
+        _passthrough(os.link, self._abs(src), self._abs(rel), follow_symlinks=False)
+        self._record(LinkOp(src, rel))
+        st = _passthrough(os.lstat, self._abs(rel))
+        return self._new_entry(new_parent_inode, new_name, st)
+
+    async def unlink(self, parent_inode, name, ctx):
+        self.recorder.check_writable()
+        rel = self._child(parent_inode, name)
+        _passthrough(os.unlink, self._abs(rel))
+        self._record(UnlinkOp(rel))
+        self.inodes.unlinked(parent_inode, name)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        self.recorder.check_writable()
+        rel = self._child(parent_inode, name)
+        _passthrough(os.rmdir, self._abs(rel))
+        self._record(RmdirOp(rel))
+        self.inodes.unlinked(parent_inode, name)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self.recorder.check_writable()
+        old = self._child(parent_inode_old, name_old)
+        new = self._child(parent_inode_new, name_new)
+        if flags:
+            _passthrough(_renameat2, self._abs(old), self._abs(new), flags)
+        else:
+            _passthrough(os.rename, self._abs(old), self._abs(new))
+        self._record(RenameOp(old, new, flags))
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            self.inodes.exchanged(parent_inode_old, name_old, parent_inode_new, name_new)
+        else:
+            self.inodes.renamed(parent_inode_old, name_old, parent_inode_new, name_new)
+
+    # -- files ----------------------------------------------------------------
+
+    def _register_fd(self, node: Node, fd: int, flags: int) -> None:
+        self._fh_node[fd] = node
+        self._fh_sync[fd] = bool(flags & _SYNC_FLAGS)
+        node.fds.add(fd)
+
+    async def open(self, inode, flags, ctx):
+        node = self.inodes.get(inode)
+        if node is None:
+            raise FUSEError(errno.ESTALE)
+        writing = (flags & _ACCMODE) != os.O_RDONLY
+        trunc = bool(flags & os.O_TRUNC) and writing
+        if writing or trunc:
+            self.recorder.check_writable()
+        rel = self._path(inode)
+        fd = _passthrough(os.open, self._abs(rel), (flags & ~_STRIP_FLAGS) | os.O_CLOEXEC)
+        if trunc:
+            st = os.fstat(fd)
+            self._record(TruncateOp(rel, 0, st.st_mtime_ns))
+        self._register_fd(node, fd, flags)
+        return pyfuse3.FileInfo(fh=fd)
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        self.recorder.check_writable()
+        parent_rel = self._path(parent_inode)
+        rel = self._child(parent_inode, name)
+        path = self._abs(rel)
+        perm = stat.S_IMODE(mode) & ~ctx.umask
+        fd = _passthrough(
+            os.open, path, (flags & ~_STRIP_FLAGS) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, perm
+        )
+        try:
+            st = self._chown_new(path, self._owner_for_new(parent_rel, ctx), perm)
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(path)
+            raise FUSEError(exc.errno) from None
+        self._record(CreateOp(rel, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns))
+        attrs = self._new_entry(parent_inode, name, st)
+        self._register_fd(self.inodes[attrs.st_ino], fd, flags)
+        return pyfuse3.FileInfo(fh=fd), attrs
+
+    async def read(self, fh, off, size):
+        return _passthrough(os.pread, fh, size, off)
+
+    async def write(self, fh, off, buf):
+        self.recorder.check_writable()
+        node = self._fh_node[fh]
+        n = _passthrough(os.pwrite, fh, buf, off)
+        rel = self.inodes.path(node.ino)
+        if rel is not None:
+            mtime = os.fstat(fh).st_mtime_ns
+            seq = self._record(WriteOp(rel, off, bytes(buf[:n]) if n != len(buf) else bytes(buf), mtime))
+            if self._fh_sync[fh]:
+                # A write on an O_SYNC/O_DSYNC file is a barrier: durable before it returns.
+                seq = self._record(FsyncOp(rel, datasync=True))
+                await self.recorder.wait_durable(seq)
+        return n
+
+    async def flush(self, fh):
+        pass
+
+    async def release(self, fh):
+        node = self._fh_node.pop(fh, None)
+        self._fh_sync.pop(fh, None)
+        if node is not None:
+            node.fds.discard(fh)
+        os.close(fh)
+
+    async def fsync(self, fh, datasync):
+        node = self._fh_node[fh]
+        rel = self.inodes.path(node.ino)
+        sync_backing = os.fdatasync if datasync else os.fsync
+        if rel is None or self.recorder.failsafe:
+            await trio.to_thread.run_sync(_passthrough, sync_backing, fh)
+            return
+        seq = self._record(FsyncOp(rel, datasync=bool(datasync)))
+        # The backing fsync and the journal fsync run side by side in threads.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, _passthrough, sync_backing, fh)
+            await self.recorder.wait_durable(seq)
+
+    # -- directories ----------------------------------------------------------
+
+    async def opendir(self, inode, ctx):
+        if self.inodes.get(inode) is None:
+            raise FUSEError(errno.ESTALE)
+        fh = self._next_dir_fh
+        self._next_dir_fh += 1
+        self._dirs[fh] = _DirHandle(inode)
+        return fh
+
+    async def readdir(self, fh, start_id, token):
+        handle = self._dirs[fh]
+        dir_rel = self._path(handle.ino)
+        if start_id == 0:
+            # A listing (or a rewinddir) takes a snapshot of the names: entries
+            # added or removed while the application reads it are neither
+            # repeated nor skipped (POSIX allows either for those).
+            handle.names = sorted(_passthrough(os.listdir, self._abs(dir_rel)))
+        names = handle.names
+        for index in range(start_id, len(names)):
+            name = names[index]
+            rel = dir_rel + b"/" + name if dir_rel else name
+            try:
+                st = os.lstat(self._abs(rel))
+            except FileNotFoundError:
+                continue  # removed since the snapshot
+            node = self.inodes.remember(handle.ino, name, st)
+            if not pyfuse3.readdir_reply(token, name, self._attrs(node, st), index + 1):
+                self.inodes.drop_if_unreferenced(node)
+                return
+            self.inodes.incref(node)
+
+    async def releasedir(self, fh):
+        self._dirs.pop(fh, None)
+
+    async def fsyncdir(self, fh, datasync):
+        handle = self._dirs[fh]
+        rel = self._path(handle.ino)
+
+        def sync_dir() -> None:
+            fd = os.open(self._abs(rel), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        if self.recorder.failsafe:
+            await trio.to_thread.run_sync(_passthrough, sync_dir)
+            return
+        seq = self._record(FsyncOp(rel, datasync=bool(datasync)))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, _passthrough, sync_dir)
+            await self.recorder.wait_durable(seq)
+
+    # -- extended attributes --------------------------------------------------
+
+    async def setxattr(self, inode, name, value, ctx):
+        self.recorder.check_writable()
+        rel = self._path(inode)
+        _passthrough(os.setxattr, self._abs(rel), name, value, follow_symlinks=False)
+        self._record(SetxattrOp(rel, name, value))
+
+    async def getxattr(self, inode, name, ctx):
+        rel = self._path(inode)
+        return _passthrough(os.getxattr, self._abs(rel), name, follow_symlinks=False)
+
+    async def listxattr(self, inode, ctx):
+        rel = self._path(inode)
+        return [os.fsencode(n) for n in _passthrough(os.listxattr, self._abs(rel), follow_symlinks=False)]
+
+    async def removexattr(self, inode, name, ctx):
+        self.recorder.check_writable()
+        rel = self._path(inode)
+        _passthrough(os.removexattr, self._abs(rel), name, follow_symlinks=False)
+        self._record(RemovexattrOp(rel, name))
+
+
+__all__ = ["PassthroughOperations", "ROOT"]

@@ -1,0 +1,98 @@
+"""fs/recorder.py: owns the primary's journal writer inside the event loop.
+
+Invariants:
+- ``record(op)`` is synchronous: a handler calls it right after the backing-dir
+  syscall succeeded, with no ``await`` in between, so seq order is the order the
+  backing dir saw (DESIGN invariant 1, docs/CONCURRENCY.md).
+- ``wait_durable(seq)`` returns only once the journal is fsynced up to ``seq``.
+  fsyncs run in a worker thread, one at a time, and each covers everything
+  appended before it started (group commit): many concurrent fsync requests cost
+  one disk flush.
+- Failing to journal is not a passthrough error: the first failure logs once, sets
+  ``failsafe``, calls ``on_failure`` (which marks the vault for resync) and the
+  handler answers EIO; every later change is refused with EROFS until remount.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+
+import trio
+from pyfuse3 import FUSEError
+
+from octofs.errors import JournalError
+from octofs.journal import JournalWriter
+from octofs.ops import Op
+
+log = logging.getLogger(__name__)
+
+
+class Recorder:
+    """Appends ops to the journal and makes them durable on request.
+
+    Attributes:
+        failsafe: True once an op could not be journaled; the vault is then
+            read-only until remounted, and marked as needing a resync.
+        failure: the message of the first journal failure, for status.
+    """
+
+    def __init__(self, writer: JournalWriter, on_failure: Callable[[str], None] | None = None) -> None:
+        self.writer = writer
+        self.failsafe = False
+        self.failure: str | None = None
+        self._on_failure = on_failure
+        self._sync_lock = trio.Lock()
+        self._appended = trio.Event()  # set and replaced on each append; wakes tailers
+
+    def check_writable(self) -> None:
+        """Raise EROFS if the vault has gone failsafe."""
+        if self.failsafe:
+            # EROFS, not EIO: the disk is fine, the vault refuses changes it cannot journal.
+            raise FUSEError(errno.EROFS)
+
+    def record(self, op: Op) -> int:
+        """Append ``op``; on failure go failsafe and raise FUSEError(EIO)."""
+        try:
+            seq = self.writer.append(op)
+        except JournalError as exc:
+            self._fail(str(exc))
+            raise FUSEError(errno.EIO) from None
+        self._appended.set()
+        self._appended = trio.Event()
+        return seq
+
+    async def wait_appended(self) -> None:
+        """Wait until the next op is appended (for journal tailers such as the shipper)."""
+        await self._appended.wait()
+
+    async def wait_durable(self, seq: int) -> None:
+        """Return once the journal is fsynced up to at least ``seq``."""
+        writer = self.writer
+        while writer.durable_seq < seq:
+            async with self._sync_lock:
+                if writer.durable_seq >= seq:
+                    return
+                ticket = writer.begin_sync()
+                if ticket is None:
+                    return
+                try:
+                    await trio.to_thread.run_sync(JournalWriter.run_sync, ticket)
+                except OSError as exc:
+                    self._fail(f"fsync of the journal failed: {exc}")
+                    raise FUSEError(errno.EIO) from None
+                writer.finish_sync(ticket)
+
+    async def sync_all(self) -> None:
+        """Make everything appended so far durable (periodic flush, clean shutdown)."""
+        await self.wait_durable(self.writer.last_seq)
+
+    def _fail(self, message: str) -> None:
+        if self.failsafe:
+            return
+        self.failsafe = True
+        self.failure = message
+        log.error("cannot journal a change, the vault is now read-only and needs a resync: %s", message)
+        if self._on_failure is not None:
+            self._on_failure(message)
