@@ -179,12 +179,13 @@ _SIZE_UNITS = {
     "ti": 1024**4,
     "tib": 1024**4,
 }
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*([A-Za-z]*)\s*\Z")
+_NUMBER = r"(?:[0-9]{1,400}(?:\.[0-9]{1,400})?|\.[0-9]{1,400})"  # ASCII digits; bounded (every float fits), so Fraction stays cheap
+_SIZE_RE = re.compile(rf"\s*({_NUMBER})\s*([A-Za-z]*)\s*\Z")
 _SIZE_EXAMPLE = "expected a size such as 8GiB, 500MB or 1048576"
 
 _DURATION_UNITS = {"ms": Fraction(1, 1000), "s": Fraction(1), "m": Fraction(60), "h": Fraction(3600)}
-_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|s|m|h)")
-_DURATION_NUMBER_RE = re.compile(r"\d+(?:\.\d+)?\Z|\.\d+\Z")
+_DURATION_PART_RE = re.compile(rf"({_NUMBER})(ms|s|m|h)")
+_DURATION_NUMBER_RE = re.compile(rf"{_NUMBER}\Z")
 _DURATION_EXAMPLE = "expected a duration such as 5s, 250ms, 2m or 1h30m"
 
 
@@ -258,9 +259,13 @@ def parse_duration(text: object) -> float:
         ValueError: with a one-line reason that quotes the value.
     """
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        if not math.isfinite(text) or text < 0:
-            raise ValueError(f"{_DURATION_EXAMPLE}, got {text!r}")
-        return float(text)
+        try:
+            seconds = float(text)
+        except OverflowError:
+            raise ValueError(f"{_DURATION_EXAMPLE}, got {text!r} (too large)") from None
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"{_DURATION_EXAMPLE}, got {_describe(text)}")
+        return seconds
     if not isinstance(text, str):
         raise ValueError(f"{_DURATION_EXAMPLE}, got {_describe(text)}")
     body = text.strip().lower()
@@ -374,6 +379,8 @@ class _Document:
             if exc.problem and exc.context:
                 where = f" on line {exc.context_mark.line + 1}" if exc.context_mark else ""
                 reason += f" ({exc.context}{where})"
+            if exc.problem and "'\\t'" in exc.problem:
+                reason = "found a tab character; YAML indents with spaces only"
             raise ConfigSyntaxError(path=shown, line=line, reason=" ".join(reason.split())) from exc
         except yaml.YAMLError as exc:  # not raised by PyYAML 6 today; keep the promise anyway
             raise ConfigSyntaxError(path=shown, line=1, reason=" ".join(str(exc).split())) from exc
@@ -415,8 +422,6 @@ class _Document:
         except yaml.YAMLError as exc:
             problem = getattr(exc, "problem", None) or str(exc)
             self.fail(node, prefix or "top level", " ".join(problem.split()))
-        except RecursionError:
-            self.fail(node, prefix or "top level", "merge key ('<<') refers to itself")
         entries: dict[str, tuple[Node, Node]] = {}
         for key_node, value_node in node.value:
             key = self._key(key_node, prefix)
