@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import textwrap
 from fractions import Fraction
 from pathlib import Path
@@ -511,3 +512,49 @@ def test_parse_duration_rejects(text: object) -> None:
 @pytest.mark.parametrize(("seconds", "text"), [(3600, "1h"), (120, "2m"), (90, "90s"), (0, "0s"), (0.25, "0.25s"), (1e-5, "0.00001s")])
 def test_format_duration_examples(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
+
+
+# -- docs/VAULT_YAML.md stays true ---------------------------------------------------------
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "VAULT_YAML.md"
+
+
+def _yaml_blocks() -> list[str]:
+    text = DOC.read_text(encoding="utf-8")
+    return [block.split("```", 1)[0] for block in text.split("```yaml\n")[1:]]
+
+
+def test_documented_examples_load(vault_dir: Path) -> None:
+    vault_example, serve_example = _yaml_blocks()
+    (vault_dir / "secret").write_text("s")
+    (vault_dir / "replicas").mkdir()
+    for old, new in [
+        ("/srv/octofs/sales", str(vault_dir / "data")),
+        ("/var/lib/octofs/sales", str(vault_dir / "state")),
+        ("/etc/octofs/secret", str(vault_dir / "secret")),
+        ("/srv/octofs-replicas", str(vault_dir / "replicas")),
+    ]:
+        vault_example = vault_example.replace(old, new)
+        serve_example = serve_example.replace(old, new)
+    write(vault_dir / "vault.yaml", vault_example)
+    cfg = load_vault_config("vault.yaml", mountpoint=vault_dir / "mnt")
+    assert [t.name for t in cfg.targets] == ["backup1", "offsite"]
+    assert cfg.targets[1].bandwidth_bps == 10 * 2**20
+    write(vault_dir / "serve.yaml", serve_example)
+    serve = load_serve_config("serve.yaml")
+    assert len(serve.takeover_hooks) == 2
+
+
+def test_documented_keys_match_the_code() -> None:
+    from octofs import config
+
+    text = DOC.read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\| `([a-z_.]+)` \|", text, flags=re.MULTILINE))
+    expected = (
+        {k for k in config._VAULT_KEYS if k not in ("journal", "failover")}
+        | {f"journal.{k}" for k in config._JOURNAL_KEYS}
+        | {f"failover.{k}" for k in config._FAILOVER_KEYS}
+        | set(config._TARGET_KEYS)
+        | set(config._SERVE_KEYS)
+    )
+    assert documented == expected
