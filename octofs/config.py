@@ -179,7 +179,8 @@ _SIZE_UNITS = {
     "ti": 1024**4,
     "tib": 1024**4,
 }
-_NUMBER = r"(?:[0-9]{1,400}(?:\.[0-9]{1,400})?|\.[0-9]{1,400})"  # ASCII digits; bounded (every float fits), so Fraction stays cheap
+# ASCII digits only; bounded (every float still fits) so Fraction stays cheap.
+_NUMBER = r"(?:[0-9]{1,400}(?:\.[0-9]{1,400})?|\.[0-9]{1,400})"
 _SIZE_RE = re.compile(rf"\s*({_NUMBER})\s*([A-Za-z]*)\s*\Z")
 _SIZE_EXAMPLE = "expected a size such as 8GiB, 500MB or 1048576"
 
@@ -376,7 +377,9 @@ class _Document:
             mark = exc.problem_mark or exc.context_mark
             line = mark.line + 1 if mark is not None else 1
             reason = exc.problem or exc.context or "malformed"
-            if exc.problem and exc.context:
+            if exc.problem and exc.context and exc.problem.startswith("but "):
+                reason = f"{exc.context}, {exc.problem}"  # PyYAML splits one sentence in two
+            elif exc.problem and exc.context:
                 where = f" on line {exc.context_mark.line + 1}" if exc.context_mark else ""
                 reason += f" ({exc.context}{where})"
             if exc.problem and "'\\t'" in exc.problem:
@@ -384,6 +387,8 @@ class _Document:
             raise ConfigSyntaxError(path=shown, line=line, reason=" ".join(reason.split())) from exc
         except yaml.YAMLError as exc:  # not raised by PyYAML 6 today; keep the promise anyway
             raise ConfigSyntaxError(path=shown, line=1, reason=" ".join(str(exc).split())) from exc
+        except RecursionError as exc:  # PyYAML's composer recurses once per nesting level
+            raise ConfigSyntaxError(path=shown, line=1, reason="nested too deeply") from exc
 
     def fail(self, node: Node | None, key: str, reason: str) -> NoReturn:
         line = node.start_mark.line + 1 if node is not None else 1
@@ -595,6 +600,14 @@ def _within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
+def _refuse_overlap(top: _Map, key: str, inner: Path, inner_what: str, outer: Path, outer_what: str) -> None:
+    """Fail at ``key`` if ``inner`` is ``outer`` or inside it (both resolved)."""
+    if inner == outer:
+        top.fail(key, f"{inner_what} is also {outer_what}")
+    if outer in inner.parents:
+        top.fail(key, f"{inner_what} is inside {outer_what} {outer}")
+
+
 def _check_name(name: str, fail: Callable[[str], NoReturn]) -> str:
     if not _NAME_RE.match(name):
         fail(f"{_NAME_RULE}, got {name!r}")
@@ -651,7 +664,8 @@ def _parse_address(text: str, *, listen: bool) -> tuple[str, int]:
             raise ValueError(f"{expected}, got {text!r} ({host!r} is not an IPv6 address)") from None
     else:
         if text.count(":") > 1:
-            raise ValueError(f"{expected}, got {text!r} (write an IPv6 address in brackets, as in [::1]:7070)")
+            hint = "write an IPv6 address in brackets, as in [::1]:7070"
+            raise ValueError(f"{expected}, got {text!r} ({hint})")
         host, sep, port_text = text.partition(":")
         if not sep:
             port_text = None
@@ -723,17 +737,16 @@ def load_vault_config(path: Path | str, *, mountpoint: Path | None = None) -> Va
     else:
         state_dir = _real(state_given)
         state_key, state_what = "state_dir", f"{state_dir}"
-    if _within(state_dir, backing):
-        top.fail(state_key, f"{state_what} is inside the backing directory {backing}")
+    _refuse_overlap(top, state_key, state_dir, state_what, backing, "the backing directory")
+    if state_given is not None:
+        _refuse_overlap(top, "state_dir", backing, f"the backing directory {backing}", state_dir, "the state_dir")
 
     if mountpoint is not None:
         mnt = _real(Path(mountpoint).absolute())
-        if _within(backing, mnt):
-            top.fail("backing", f"{backing} is inside the mountpoint {mnt}")
-        if _within(mnt, backing):
-            top.fail("backing", f"the mountpoint {mnt} is inside the backing directory {backing}")
-        if _within(state_dir, mnt):
-            top.fail(state_key, f"{state_what} is inside the mountpoint {mnt}")
+        _refuse_overlap(top, "backing", backing, f"{backing}", mnt, "the mountpoint")
+        _refuse_overlap(top, "backing", mnt, f"the mountpoint {mnt}", backing, "the backing directory")
+        _refuse_overlap(top, state_key, state_dir, state_what, mnt, "the mountpoint")
+        _refuse_overlap(top, state_key, mnt, f"the mountpoint {mnt}", state_dir, "the state_dir")
 
     secret = top.path("secret_file")
     if secret is not None:
@@ -746,7 +759,8 @@ def load_vault_config(path: Path | str, *, mountpoint: Path | None = None) -> Va
         max_size = journal_map.size("max_size", DEFAULT_JOURNAL_MAX_SIZE)
         if max_size <= 0:
             journal_map.fail("max_size", "must be larger than zero")
-        journal = JournalConfig(max_size_bytes=max_size, when_full=journal_map.choice("when_full", WHEN_FULL, "block"))
+        when_full = journal_map.choice("when_full", WHEN_FULL, "block")
+        journal = JournalConfig(max_size_bytes=max_size, when_full=when_full)
 
     failover = top.sub("failover", _FAILOVER_KEYS, "a mapping with heartbeat")
     heartbeat = failover.duration("heartbeat", DEFAULT_HEARTBEAT_S) if failover else DEFAULT_HEARTBEAT_S
@@ -777,7 +791,8 @@ def _targets(doc: _Document, top: _Map) -> tuple[TargetConfig, ...]:
         name = _check_name(t.string("name", required=True), t.failer("name"))
         if name in seen:
             first, first_node = seen[name]
-            t.fail("name", f"duplicate target name {name!r} (also targets[{first}], line {first_node.start_mark.line + 1})")
+            where = f"targets[{first}], line {first_node.start_mark.line + 1}"
+            t.fail("name", f"duplicate target name {name!r} (also {where})")
         seen[name] = (i, t.line_node("name"))
         try:
             host, port = _parse_address(t.string("address", required=True), listen=False)
@@ -855,7 +870,9 @@ def load_serve_config(
     elif top is not None and top.node_of("root") is not None:
         root_path = _check_dir(top.path("root"), top.failer("root"))
     else:
-        raise UsageError(detail="no root directory for received vaults: give --root DIR or set root in SERVE.yaml")
+        raise UsageError(
+            detail="no root directory for received vaults: give --root DIR or set root in SERVE.yaml"
+        )
 
     if listen is not None:
         try:

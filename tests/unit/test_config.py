@@ -63,7 +63,8 @@ BAD_VAULTS = [
     ("unclosed-flow", "vault: sales\nbacking: [data\n", "vault.yaml:3: not valid YAML: expected ',' or ']', but got '<stream end>' (while parsing a flow sequence on line 2)", 12, None),
     ("tab-indent", "vault: sales\n\tbacking: data\n", "vault.yaml:2: not valid YAML: found a tab character; YAML indents with spaces only", 12, None),
     ("unclosed-quote", 'vault: "sales\nbacking: data\n', "vault.yaml:3: not valid YAML: found unexpected end of stream (while scanning a quoted scalar on line 1)", 12, None),
-    ("two-documents", "vault: a\n---\nvault: b\n", "vault.yaml:2: not valid YAML: but found another document (expected a single document in the stream on line 1)", 12, None),
+    ("two-documents", "vault: a\n---\nvault: b\n", "vault.yaml:2: not valid YAML: expected a single document in the stream, but found another document", 12, None),
+    ("deep-nesting", "vault: " + "[" * 5000 + "]" * 5000 + "\n", "vault.yaml:1: not valid YAML: nested too deeply", 12, None),
     ("control-char", "vault: sales\nbacking: da\x07ta\n", "vault.yaml:2: not valid YAML: special characters are not allowed (U+0007)", 12, None),
     # shape of the document
     ("empty", "", "vault.yaml:1: top level: expected a mapping of keys such as vault: and backing:, got nothing", 13, None),
@@ -91,14 +92,16 @@ BAD_VAULTS = [
     ("backing-is-file", "vault: sales\nbacking: vault.yaml\n", "vault.yaml:2: backing: {tmp}/vault.yaml is not a directory", 13, None),
     ("backing-int", "vault: sales\nbacking: 5\n", "vault.yaml:2: backing: expected a string, got integer 5 (quote the value)", 13, None),
     ("state-in-backing", MINIMAL + "state_dir: data/.state\n", "vault.yaml:3: state_dir: {tmp}/data/.state is inside the backing directory {tmp}/data", 13, None),
-    ("state-is-backing", MINIMAL + "state_dir: data\n", "vault.yaml:3: state_dir: {tmp}/data is inside the backing directory {tmp}/data", 13, None),
+    ("state-is-backing", MINIMAL + "state_dir: data\n", "vault.yaml:3: state_dir: {tmp}/data is also the backing directory", 13, None),
+    ("backing-in-state", "vault: sales\nbacking: data\nstate_dir: .\n", "vault.yaml:3: state_dir: the backing directory {tmp}/data is inside the state_dir {tmp}", 13, None),
     # mountpoint overlaps (the mountpoint is given relative to the current directory)
     ("mnt-in-backing", MINIMAL, "vault.yaml:2: backing: the mountpoint {tmp}/data/mnt is inside the backing directory {tmp}/data", 13, "data/mnt"),
-    ("mnt-is-backing", MINIMAL, "vault.yaml:2: backing: {tmp}/data is inside the mountpoint {tmp}/data", 13, "data"),
+    ("mnt-is-backing", MINIMAL, "vault.yaml:2: backing: {tmp}/data is also the mountpoint", 13, "data"),
     ("backing-in-mnt", MINIMAL, "vault.yaml:2: backing: {tmp}/data is inside the mountpoint {tmp}", 13, "."),
     ("backing-in-mnt-via-symlink", MINIMAL, "vault.yaml:2: backing: {tmp}/data is inside the mountpoint {tmp}", 13, "link-to-tmp"),
     ("state-in-mnt", MINIMAL + "state_dir: mnt/state\n", "vault.yaml:3: state_dir: {tmp}/mnt/state is inside the mountpoint {tmp}/mnt", 13, "mnt"),
-    ("default-state-is-mnt", MINIMAL, "vault.yaml:2: backing: the default state_dir {tmp}/data.octofs is inside the mountpoint {tmp}/data.octofs", 13, "data.octofs"),
+    ("default-state-is-mnt", MINIMAL, "vault.yaml:2: backing: the default state_dir {tmp}/data.octofs is also the mountpoint", 13, "data.octofs"),
+    ("mnt-in-state", MINIMAL + "state_dir: st\n", "vault.yaml:3: state_dir: the mountpoint {tmp}/st/mnt is inside the state_dir {tmp}/st", 13, "st/mnt"),
     # secret_file
     ("secret-missing", MINIMAL + "secret_file: secret\n", "vault.yaml:3: secret_file: file {tmp}/secret does not exist", 13, None),
     ("secret-is-dir", MINIMAL + "secret_file: data\n", "vault.yaml:3: secret_file: {tmp}/data is a directory, expected a file", 13, None),
@@ -558,3 +561,11 @@ def test_documented_keys_match_the_code() -> None:
         | set(config._SERVE_KEYS)
     )
     assert documented == expected
+
+
+def test_file_under_a_non_directory(vault_dir: Path) -> None:
+    write(vault_dir / "vault.yaml", MINIMAL)
+    with pytest.raises(ConfigFileError) as info:
+        load_vault_config("vault.yaml/inner.yaml")
+    assert str(info.value) == "Cannot read vault.yaml/inner.yaml: Not a directory"
+    assert info.value.exit_code == 11
