@@ -187,13 +187,13 @@ def test_not_utf8(vault_dir: Path) -> None:
 
 
 def test_unreadable_file(vault_dir: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root can read a mode-000 file")
-    path = write(vault_dir / "vault.yaml", MINIMAL)
-    path.chmod(0)
+    # A directory where the file should be is unreadable for root too (EISDIR),
+    # so this error path runs whoever runs the suite.
+    (vault_dir / "vault.yaml").mkdir()
     with pytest.raises(ConfigFileError) as info:
         load_vault_config("vault.yaml")
-    assert str(info.value) == "Cannot read vault.yaml: Permission denied"
+    assert str(info.value).startswith("Cannot read vault.yaml: ")
+    assert info.value.exit_code == 11
 
 
 def test_message_uses_absolute_file_name_when_given(vault_dir: Path) -> None:
