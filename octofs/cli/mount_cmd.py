@@ -59,7 +59,9 @@ def check_mountpoint(mnt: Path, cfg: VaultConfig) -> None:
         raise MountpointError(mountpoint=str(mnt), reason="no such directory")
     if not mnt.is_dir():
         raise MountpointError(mountpoint=str(mnt), reason="not a directory")
-    if any(os.scandir(mnt)):
+    with os.scandir(mnt) as it:
+        empty = next(it, None) is None
+    if not empty:
         raise MountpointError(mountpoint=str(mnt), reason="directory is not empty")
 
 
