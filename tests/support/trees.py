@@ -10,6 +10,8 @@ Invariants:
   inode numbers, st_dev, atime, ctime, directory nlink, directory sizes and directory
   mtimes (every create/unlink/rename inside a directory moves its mtime, and ops do
   not carry it). Hard links are compared as groups of paths, not inode numbers.
+- Reading every file and directory needs permission: run as root, or keep the trees
+  readable by the test's user.
 """
 
 from __future__ import annotations
