@@ -19,6 +19,8 @@ Invariants:
   names a FIFO, socket or device node is refused with OpError before anything opens
   it, because opening a device node reaches its driver, which may lie outside the tree.
 - Every fd opened here is closed before ``apply_op`` returns or raises.
+- FsyncOp makes its own file or directory durable. Making *everything* before a
+  barrier durable (DESIGN invariant 2) is ``barrier()``, which the replayer calls.
 - An op carries the primary's *result*, so it is reproduced exactly, independent of
   this process's umask and clock: created objects get exactly ``mode`` (set after
   any chown, because chown clears set-id bits), their owner (when ``chown``), and
@@ -64,6 +66,7 @@ import ctypes
 import errno
 import os
 import stat
+from typing import NoReturn
 
 from octofs.errors import OpError
 from octofs.ops import (
@@ -137,7 +140,7 @@ _renameat2 = _bind(
 _syncfs = _bind("syncfs", [ctypes.c_int])
 
 
-def _raise_errno(filename: bytes | None = None, filename2: bytes | None = None) -> None:
+def _raise_errno(filename: bytes | None = None, filename2: bytes | None = None) -> NoReturn:
     """Raise the OSError (subclass) for the errno a ctypes call left behind."""
     err = ctypes.get_errno()
     raise OSError(err, os.strerror(err), filename, None, filename2)

@@ -376,13 +376,24 @@ class ApplyModel(RuleBasedStateMachine):
             return
         p = self._abs(rel)
         try:
+            mode_before = stat.S_IMODE(os.lstat(p).st_mode)
             os.chown(p, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=False)
         except OSError:
             return
         s = os.lstat(p)
-        # Only the fields the call set, as FUSE's setattr sees them. chown also clears
-        # set-id bits on files; the target's kernel does the same when it replays.
-        self._ship(SetattrOp(rel, uid=None if uid is None else s.st_uid, gid=None if gid is None else s.st_gid))
+        # chown(2) clears the set-id bits of a non-directory, even for root and even
+        # for chown(-1, -1), which changes no owner. The op carries that result, so it
+        # does not depend on the target repeating the kernel's side effect (a target
+        # that is not root skips the chown itself).
+        mode = stat.S_IMODE(s.st_mode)
+        self._ship(
+            SetattrOp(
+                rel,
+                mode=None if mode == mode_before else mode,
+                uid=None if uid is None else s.st_uid,
+                gid=None if gid is None else s.st_gid,
+            )
+        )
 
     @rule(
         path=paths | fresh_paths | st.just(b""),
