@@ -9,7 +9,9 @@ Invariants:
   A directory has at most one name; a file has one per hard link we have seen.
 - A node with no names is unlinked: it lives on only while the kernel holds a lookup
   reference (e.g. an open file) and its changes are not journaled, because they can
-  no longer affect the tree.
+  no longer affect the tree. "No names" means no name *in the backing dir*: when an
+  open file loses the last name we knew but still has hard links we never saw,
+  operations.py finds one and ``adopt``s it, so its changes keep being journaled.
 - Nodes are dropped when the kernel's lookup count reaches zero (``forget``); the
   kernel keeps parent directories referenced while children are, so a path can
   always be rebuilt for a node the kernel still knows.
@@ -37,7 +39,10 @@ class Node:
         key: ``(st_dev, st_ino)`` of the backing file, or None once unlinked.
         names: the entries that point at it, as ``(parent ino, name)``.
         lookups: the kernel's lookup count.
-        fds: backing file descriptors open on it (to stat it once unlinked).
+        fds: backing file descriptors open on it (to stat it once unlinked):
+            open files, open directory handles and ``held_fd``.
+        held_fd: for a removed directory the kernel still refers to (someone's
+            cwd), a backing fd that operations.py keeps until ``forget``.
     """
 
     ino: int
@@ -45,6 +50,7 @@ class Node:
     names: set[tuple[int, bytes]] = field(default_factory=set)
     lookups: int = 0
     fds: set[int] = field(default_factory=set)
+    held_fd: int | None = None
 
 
 class InodeTable:
@@ -167,6 +173,15 @@ class InodeTable:
             if self._by_key.get(node.key) == ino:
                 del self._by_key[node.key]
             node.key = None
+
+    def adopt(self, node: Node, parent: int, name: bytes, key: tuple[int, int]) -> None:
+        """Give a node that lost its last known name another name its backing file still has."""
+        if self._entries.get((parent, name)) not in (None, node.ino):
+            self._unlink_entry(parent, name)
+        node.key = key
+        self._by_key[key] = node.ino
+        node.names.add((parent, name))
+        self._entries[(parent, name)] = node.ino
 
     def renamed(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes) -> None:
         """``old`` was renamed over ``new`` (which, if it existed, lost that name)."""

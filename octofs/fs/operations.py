@@ -13,7 +13,9 @@ Invariants:
 - The only exception a handler raises is FUSEError. Any other exception is a bug
   and ends the mount (daemon.py logs the traceback).
 - Changes to an unlinked-but-open file are applied but not journaled: they cannot
-  affect the tree any more.
+  affect the tree any more. A file that lost the last name the kernel had looked
+  up but still has other hard links is not unlinked: ``_keep_journaled`` finds one
+  of its remaining names, so its changes go on being journaled.
 """
 
 from __future__ import annotations
@@ -84,10 +86,13 @@ def _renameat2(old: bytes, new: bytes, flags: int) -> None:
 
 
 class _DirHandle:
-    __slots__ = ("ino", "names")
+    """An open directory: its backing fd (also the FUSE fh) and the listing being read."""
 
-    def __init__(self, ino: int) -> None:
-        self.ino = ino
+    __slots__ = ("node", "fd", "names")
+
+    def __init__(self, node: Node, fd: int) -> None:
+        self.node = node
+        self.fd = fd
         self.names: list[bytes] = []
 
 
@@ -111,7 +116,13 @@ class PassthroughOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     # No NFS export: "." and ".." lookups are never needed.
     supports_dot_lookup = False
-    enable_acl = False
+    # On: the kernel enforces POSIX ACLs (read through getxattr) in its permission
+    # checks, as a native filesystem does. Off, ACLs set through the mount are stored
+    # in the backing dir (and inherited there) but ignored by every access check.
+    # Known gap: pyfuse3 does not negotiate FUSE_DONT_MASK, so the kernel applies the
+    # umask before create/mkdir/mknod reach us, even below a default ACL (acl(5)
+    # says the default ACL replaces the umask there).
+    enable_acl = True
 
     def __init__(
         self,
@@ -130,8 +141,7 @@ class PassthroughOperations(pyfuse3.Operations):
         self._attr_timeout = attr_timeout_s
         self._fh_node: dict[int, Node] = {}  # open file: backing fd → node
         self._fh_sync: dict[int, bool] = {}  # open file: backing fd → O_SYNC/O_DSYNC?
-        self._dirs: dict[int, _DirHandle] = {}
-        self._next_dir_fh = 1
+        self._dirs: dict[int, _DirHandle] = {}  # open directory: backing fd → handle
         self._is_root_user = os.geteuid() == 0
 
     @property
@@ -206,7 +216,8 @@ class PassthroughOperations(pyfuse3.Operations):
             os.chown(abs_path, owner[0], owner[1], follow_symlinks=False)
         st = os.lstat(abs_path)
         if wanted_mode is not None and not stat.S_ISLNK(st.st_mode):
-            lost = wanted_mode & ~st.st_mode & 0o7777
+            # Only the set-ID bits: other bits may be missing on purpose (a default ACL masks them).
+            lost = wanted_mode & ~st.st_mode & (stat.S_ISUID | stat.S_ISGID)
             if lost:  # chown() by root clears set-user/group-ID bits the caller asked for
                 os.chmod(abs_path, (st.st_mode | lost) & 0o7777)
                 st = os.lstat(abs_path)
@@ -214,6 +225,66 @@ class PassthroughOperations(pyfuse3.Operations):
 
     def _record(self, op) -> int:
         return self.recorder.record(op)
+
+    def _keep_journaled(self, node: Node | None) -> None:
+        """``node`` just lost a name; if it has no known name left but is open and still linked, adopt a name.
+
+        The kernel only tells us the names it looked up. A hard-linked file opened
+        as ``a`` whose other name ``b`` was never looked up would, after ``unlink a``,
+        look unlinked to us and writes through the open fd would reach ``b`` in the
+        backing dir without being journaled. The search walks the backing dir in
+        the event loop; it only runs for an open file with st_nlink > 0 after its
+        last known name went away, which is rare.
+        """
+        if node is None or node.names or not node.fds:
+            return
+        try:
+            st = os.fstat(next(iter(node.fds)))
+            if st.st_nlink == 0:
+                return  # really unlinked
+            rel = self._find_name_of(st)
+            if rel is None:
+                return
+            parent, _, name = rel.rpartition(b"/")
+            self.inodes.adopt(node, self._dir_ino(parent), name, (st.st_dev, st.st_ino))
+        except OSError as exc:  # the backing dir changed under us: nothing better to do than say so
+            log.warning("cannot find the remaining hard link of an open file; its changes "
+                        "will not be journaled: %s", exc)
+
+    def _find_name_of(self, st: os.stat_result) -> bytes | None:
+        """A vault-relative name of the backing file ``st``, or None."""
+        pending = [b""]
+        while pending:
+            rel_dir = pending.pop()
+            with os.scandir(self._abs(rel_dir)) as it:
+                entries = list(it)
+            for entry in entries:
+                rel = rel_dir + b"/" + entry.name if rel_dir else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(rel)
+                elif entry.inode() == st.st_ino:
+                    est = os.lstat(entry.path)
+                    if (est.st_dev, est.st_ino) == (st.st_dev, st.st_ino):
+                        return rel
+        return None
+
+    def _dir_ino(self, rel_dir: bytes) -> int:
+        """Our inode number for a backing directory, remembering (not increfing) the ones the kernel never saw.
+
+        Nodes remembered here have no kernel lookups; they stay until the kernel
+        looks them up and forgets them again, which bounds them by the rare callers.
+        """
+        ino = ROOT
+        if not rel_dir:
+            return ino
+        done = b""
+        for part in rel_dir.split(b"/"):
+            done = done + b"/" + part if done else part
+            node = self.inodes.entry(ino, part)
+            if node is None:
+                node = self.inodes.remember(ino, part, os.lstat(self._abs(done)))
+            ino = node.ino
+        return ino
 
     # -- lookup and attributes ---------------------------------------------
 
@@ -224,7 +295,12 @@ class PassthroughOperations(pyfuse3.Operations):
 
     async def forget(self, inode_list):
         for ino, count in inode_list:
+            node = self.inodes.get(ino)
             self.inodes.forget(ino, count)
+            if node is not None and node.held_fd is not None and self.inodes.get(ino) is None:
+                node.fds.discard(node.held_fd)
+                os.close(node.held_fd)
+                node.held_fd = None
 
     async def getattr(self, inode, ctx):
         node = self.inodes.get(inode)
@@ -376,14 +452,35 @@ class PassthroughOperations(pyfuse3.Operations):
         rel = self._child(parent_inode, name)
         _passthrough(os.unlink, self._abs(rel))
         self._record(UnlinkOp(rel))
+        node = self.inodes.entry(parent_inode, name)
         self.inodes.unlinked(parent_inode, name)
+        self._keep_journaled(node)
 
     async def rmdir(self, parent_inode, name, ctx):
         self.recorder.check_writable()
         rel = self._child(parent_inode, name)
-        _passthrough(os.rmdir, self._abs(rel))
+        path = self._abs(rel)
+        node = self.inodes.entry(parent_inode, name)
+        # A removed directory can still be someone's cwd, which FUSE never opens:
+        # hold a backing fd until forget so getattr and opendir keep working on it
+        # (nlink 0, empty) as natively. If it cannot be opened, rmdir reports why.
+        held = None
+        if node is not None:
+            try:
+                held = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                pass
+        try:
+            _passthrough(os.rmdir, path)
+        except FUSEError:
+            if held is not None:
+                os.close(held)
+            raise
         self._record(RmdirOp(rel))
         self.inodes.unlinked(parent_inode, name)
+        if held is not None:
+            node.held_fd = held
+            node.fds.add(held)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         self.recorder.check_writable()
@@ -397,7 +494,9 @@ class PassthroughOperations(pyfuse3.Operations):
         if flags & pyfuse3.RENAME_EXCHANGE:
             self.inodes.exchanged(parent_inode_old, name_old, parent_inode_new, name_new)
         else:
+            replaced = self.inodes.entry(parent_inode_new, name_new)
             self.inodes.renamed(parent_inode_old, name_old, parent_inode_new, name_new)
+            self._keep_journaled(replaced)
 
     # -- files ----------------------------------------------------------------
 
@@ -411,7 +510,10 @@ class PassthroughOperations(pyfuse3.Operations):
         if node is None:
             raise FUSEError(errno.ESTALE)
         writing = (flags & _ACCMODE) != os.O_RDONLY
-        trunc = bool(flags & os.O_TRUNC) and writing
+        # Linux truncates on O_TRUNC even for an O_RDONLY open (the kernel already
+        # checked write permission), and the backing open() below does the same:
+        # so it is journaled whatever the access mode.
+        trunc = bool(flags & os.O_TRUNC)
         if writing or trunc:
             self.recorder.check_writable()
         rel = self._path(inode)
@@ -485,78 +587,109 @@ class PassthroughOperations(pyfuse3.Operations):
     # -- directories ----------------------------------------------------------
 
     async def opendir(self, inode, ctx):
-        if self.inodes.get(inode) is None:
+        node = self.inodes.get(inode)
+        if node is None:
             raise FUSEError(errno.ESTALE)
-        fh = self._next_dir_fh
-        self._next_dir_fh += 1
-        self._dirs[fh] = _DirHandle(inode)
-        return fh
+        # The handle holds a backing fd, as an open directory does natively: listing,
+        # fstat, fchmod and fsync keep working after the directory is renamed or
+        # removed (a removed one lists empty and has nlink 0).
+        rel = self.inodes.path(inode)
+        if rel is None and node.fds:  # removed but still reachable: list it through a copy of its fd
+            fd = _passthrough(os.dup, next(iter(node.fds)))
+        else:
+            fd = _passthrough(os.open, self._abs(self._path(inode)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._dirs[fd] = _DirHandle(node, fd)
+        node.fds.add(fd)
+        return fd
 
     async def readdir(self, fh, start_id, token):
         handle = self._dirs[fh]
-        dir_rel = self._path(handle.ino)
         if start_id == 0:
             # A listing (or a rewinddir) takes a snapshot of the names: entries
             # added or removed while the application reads it are neither
             # repeated nor skipped (POSIX allows either for those).
-            handle.names = sorted(_passthrough(os.listdir, self._abs(dir_rel)))
+            # listdir(fd) gives str names; fsencode() turns them back into the exact bytes.
+            # "." and ".." come first, as from every native filesystem (code that
+            # counts entries to see whether a directory is empty relies on them).
+            handle.names = [b".", b"..", *sorted(os.fsencode(n) for n in _passthrough(os.listdir, handle.fd))]
         names = handle.names
         for index in range(start_id, len(names)):
             name = names[index]
-            rel = dir_rel + b"/" + name if dir_rel else name
+            if name in (b".", b".."):
+                # The kernel does not link these (no lookup count); only d_ino and d_type reach
+                # the application, so the directory's own attributes serve for both.
+                node = handle.node
+                if name == b".." and node.names:
+                    node = self.inodes.get(min(node.names)[0]) or node
+                if not pyfuse3.readdir_reply(token, name, self._attrs(node, _passthrough(os.fstat, handle.fd)),
+                                             index + 1):
+                    return
+                continue
             try:
-                st = os.lstat(self._abs(rel))
+                st = os.lstat(name, dir_fd=handle.fd)
             except FileNotFoundError:
                 continue  # removed since the snapshot
-            node = self.inodes.remember(handle.ino, name, st)
+            node = self.inodes.remember(handle.node.ino, name, st)
             if not pyfuse3.readdir_reply(token, name, self._attrs(node, st), index + 1):
                 self.inodes.drop_if_unreferenced(node)
                 return
             self.inodes.incref(node)
 
     async def releasedir(self, fh):
-        self._dirs.pop(fh, None)
+        handle = self._dirs.pop(fh)
+        handle.node.fds.discard(fh)
+        os.close(fh)
 
     async def fsyncdir(self, fh, datasync):
         handle = self._dirs[fh]
-        rel = self._path(handle.ino)
-
-        def sync_dir() -> None:
-            fd = os.open(self._abs(rel), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-        if self.recorder.failsafe:
-            await trio.to_thread.run_sync(_passthrough, sync_dir)
+        rel = self.inodes.path(handle.node.ino)
+        if rel is None or self.recorder.failsafe:  # removed: nothing left to journal
+            await trio.to_thread.run_sync(_passthrough, os.fsync, fh)
             return
         seq = self._record(FsyncOp(rel, datasync=bool(datasync)))
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.to_thread.run_sync, _passthrough, sync_dir)
+            nursery.start_soon(trio.to_thread.run_sync, _passthrough, os.fsync, fh)
             await self.recorder.wait_durable(seq)
 
     # -- extended attributes --------------------------------------------------
 
+    def _xattr_target(self, inode: int) -> tuple[bytes | int, dict, bytes | None]:
+        """Where an xattr call goes: ``(path or fd, os.*xattr kwargs, rel or None)``.
+
+        An unlinked node that is still open is reached through its fd, as fgetxattr
+        and friends reach it natively; its changes are not journaled (rel is None).
+        """
+        rel = self.inodes.path(inode)
+        if rel is not None:
+            return self._abs(rel), {"follow_symlinks": False}, rel
+        node = self.inodes.get(inode)
+        if node is None:
+            raise FUSEError(errno.ESTALE)  # a node we never knew, as in _path
+        if not node.fds:
+            raise FUSEError(errno.ENOENT)  # unlinked and not open: really gone, as in _path
+        return next(iter(node.fds)), {}, None
+
     async def setxattr(self, inode, name, value, ctx):
         self.recorder.check_writable()
-        rel = self._path(inode)
-        _passthrough(os.setxattr, self._abs(rel), name, value, follow_symlinks=False)
-        self._record(SetxattrOp(rel, name, value))
+        target, kw, rel = self._xattr_target(inode)
+        _passthrough(os.setxattr, target, name, value, **kw)
+        if rel is not None:
+            self._record(SetxattrOp(rel, name, value))
 
     async def getxattr(self, inode, name, ctx):
-        rel = self._path(inode)
-        return _passthrough(os.getxattr, self._abs(rel), name, follow_symlinks=False)
+        target, kw, _ = self._xattr_target(inode)
+        return _passthrough(os.getxattr, target, name, **kw)
 
     async def listxattr(self, inode, ctx):
-        rel = self._path(inode)
-        return [os.fsencode(n) for n in _passthrough(os.listxattr, self._abs(rel), follow_symlinks=False)]
+        target, kw, _ = self._xattr_target(inode)
+        return [os.fsencode(n) for n in _passthrough(os.listxattr, target, **kw)]
 
     async def removexattr(self, inode, name, ctx):
         self.recorder.check_writable()
-        rel = self._path(inode)
-        _passthrough(os.removexattr, self._abs(rel), name, follow_symlinks=False)
-        self._record(RemovexattrOp(rel, name))
+        target, kw, rel = self._xattr_target(inode)
+        _passthrough(os.removexattr, target, name, **kw)
+        if rel is not None:
+            self._record(RemovexattrOp(rel, name))
 
 
 __all__ = ["PassthroughOperations", "ROOT"]
