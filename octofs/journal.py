@@ -993,12 +993,38 @@ class JournalReader:
 
     def _end_or_corrupt(self, segs: list[SegmentInfo], k: int, offset: int, reason: str, last_seq: int) -> None:
         """Damage in segment k: corruption if any valid record follows it (FORMAT §6), else the end of the data."""
-        found = _find_valid_record(segs[k].path, offset + 1, last_seq)
+        path = segs[k].path
+        found = _find_valid_record(path, offset + 1, last_seq)
         if found is not None:
-            raise _corrupt(segs[k].path, offset, f"{reason}, but a valid record follows at offset {found}")
-        for later in segs[k + 1 :]:
-            found = _find_valid_record(later.path, 0, last_seq)
-            if found is not None:
-                raise _corrupt(
-                    segs[k].path, offset, f"{reason}, but segment {later.path.name} holds valid records"
-                )
+            detail = f"a valid record follows at offset {found}"
+        else:
+            for later in segs[k + 1 :]:
+                if _find_valid_record(later.path, 0, last_seq) is not None:
+                    detail = f"segment {later.path.name} holds valid records"
+                    break
+            else:
+                return
+        # The damage may have been a record (or header) that a writer was appending while we read it: the scan
+        # above read the file again, later, and saw what was appended after it. The writer appends in order, so
+        # a record seen after the damage means the damaged bytes had been completely written before that second
+        # read began; reading them once more now tells a concurrent append (valid now) from corruption.
+        if _valid_at(path, offset):
+            log.debug("%s: damage at offset %d was an append in progress", path, offset)
+            return
+        raise _corrupt(path, offset, f"{reason}, but {detail}")
+
+
+def _valid_at(path: Path, offset: int) -> bool:
+    """Whether ``path`` now holds a valid header (offset 0) or a valid record frame and payload at ``offset``."""
+    with open(path, "rb") as f:
+        if offset == 0:
+            return isinstance(parse_header(f.read(HEADER_SIZE), path), SegmentHeader)
+        f.seek(offset)
+        frame = f.read(RECORD_FRAME_SIZE)
+        if len(frame) < RECORD_FRAME_SIZE:
+            return False
+        magic, length, crc = _RECORD_FRAME.unpack(frame)
+        if magic != RECORD_MAGIC or not 0 < length <= MAX_PAYLOAD_BYTES:
+            return False
+        payload = f.read(length)
+        return len(payload) == length and zlib.crc32(payload) == crc
