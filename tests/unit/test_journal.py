@@ -511,6 +511,31 @@ def test_duplicate_record_is_corruption(tmp_path):
         open_writer(jdir)
 
 
+def test_gap_inside_the_tail_segment_is_corruption_for_open(tmp_path):
+    jdir = tmp_path / "j"
+    jdir.mkdir()
+    body = b"".join(frame_record(encode_record(ops.Record(s, 0, small_op(s)))) for s in (1, 3, 4))
+    segment_path(jdir, 1).write_bytes(header_bytes(VAULT, 1, 1) + body)
+    with pytest.raises(JournalCorruptError, match="seq 4, expected 3"):
+        open_writer(jdir)
+    with pytest.raises(JournalCorruptError, match="seq 3, expected 2"):
+        read_all(jdir)
+
+
+def test_undecodable_middle_record_is_found_by_the_reader(tmp_path):
+    """FORMAT.md §6: open decodes only the first and last record of the tail segment; the reader decodes all."""
+    jdir = tmp_path / "j"
+    jdir.mkdir()
+    bad = frame_record(b"\x82\xa1s\x02\xa1t\x63")  # CRC-valid, but not an op: {"s": 2, "t": 99}
+    body = frame_record(encode_record(ops.Record(1, 0, small_op(1)))) + bad
+    body += frame_record(encode_record(ops.Record(3, 0, small_op(3))))
+    segment_path(jdir, 1).write_bytes(header_bytes(VAULT, 1, 1) + body)
+    with open_writer(jdir) as w:
+        assert w.last_seq == 3
+    with pytest.raises(JournalCorruptError, match="does not decode"):
+        read_all(jdir)
+
+
 def test_gap_between_segments_is_corruption(tmp_path):
     jdir = tmp_path / "j"
     write_journal(jdir, GOLDEN_OPS[:2])
