@@ -1,6 +1,7 @@
-"""journal.py: owns the journal on disk: segment files, record framing, fsync batching and recovery.
+"""journal.py: owns the journal on disk: its segments, appending, fsync batching, recovery and reading.
 
-The format is specified in docs/FORMAT.md; this module and that document change together.
+The format is specified in docs/FORMAT.md; this module, segment.py (the layout of one segment file) and that
+document change together. ``JOURNAL_FORMAT_VERSION`` is defined in segment.py and re-exported here.
 
 Invariants:
 - The seqs in a journal are 1, 2, 3, ... across segments in file-name order, with no gap and no duplicate.
@@ -25,67 +26,42 @@ import bisect
 import errno
 import logging
 import os
-import struct
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Iterator
 
-from octofs.codec import MAX_PAYLOAD_BYTES, decode_record, encode_record
-from octofs.errors import (
-    JournalCorruptError,
-    JournalError,
-    JournalFullError,
-    JournalIOError,
-    JournalVersionError,
-    OpError,
-)
+from octofs.codec import encode_record
+from octofs.errors import JournalError, JournalFullError, JournalIOError
 from octofs.ops import Op, Record
-from octofs.paths import SEGMENT_SUFFIX, segment_first_seq, segment_path
+from octofs.paths import segment_path
+from octofs.segment import (
+    HEADER_SIZE,
+    JOURNAL_FORMAT_VERSION,  # re-exported: the API names it here (docs/FORMAT.md §1)
+    VAULT_ID_BYTES,
+    ScanState,
+    SegmentHeader,
+    SegmentInfo,  # re-exported with list_segments: part of this module's API
+    check_header,
+    corrupt_error,
+    find_valid_record,
+    frame_record,
+    header_bytes,
+    iter_records,
+    list_segments,
+    parse_header,
+    read_header,
+    scan_frames,
+    valid_at,
+)
 
 log = logging.getLogger(__name__)
-
-JOURNAL_FORMAT_VERSION = 1
-# Versions this code reads (docs/FORMAT.md §1: N and N-1; there is no version 0).
-READABLE_VERSIONS = frozenset({1})
-
-SEGMENT_MAGIC = b"OCTOJRNL"
-RECORD_MAGIC = b"OJRC"
-VAULT_ID_BYTES = 16
-
-# Header: magic, version, 7 reserved bytes, vault id, epoch, first_seq; then crc32 of those 48 bytes.
-_HEADER_BODY = struct.Struct("<8sB7s16sQQ")
-_HEADER_CRC = struct.Struct("<I")
-HEADER_SIZE = _HEADER_BODY.size + _HEADER_CRC.size  # 52
-# Record frame: magic, payload length, crc32 of the payload.
-_RECORD_FRAME = struct.Struct("<4sII")
-RECORD_FRAME_SIZE = _RECORD_FRAME.size  # 12
 
 _U64_MAX = 2**64 - 1
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 # -- value types ----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SegmentInfo:
-    """A segment file as listed in the journal directory (its header is not read)."""
-
-    path: Path
-    first_seq: int  # from the file name
-    size_bytes: int
-
-
-@dataclass(frozen=True, slots=True)
-class SegmentHeader:
-    """The decoded, CRC-checked header of a segment (docs/FORMAT.md §3.1)."""
-
-    version: int
-    vault_id: bytes
-    epoch: int
-    first_seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,210 +134,7 @@ class SyncTicket:
         return f"<SyncTicket seq={self.seq} fds={len(self.fds)} dir={self.dir_fd is not None} done={self.done}>"
 
 
-# -- low-level helpers ------------------------------------------------------------
-
-
-def header_bytes(vault_id: bytes, epoch: int, first_seq: int, version: int = JOURNAL_FORMAT_VERSION) -> bytes:
-    """The 52 header bytes of a segment (docs/FORMAT.md §3.1)."""
-    body = _HEADER_BODY.pack(SEGMENT_MAGIC, version, bytes(7), vault_id, epoch, first_seq)
-    return body + _HEADER_CRC.pack(zlib.crc32(body))
-
-
-def frame_record(payload: bytes) -> bytes:
-    """The on-disk bytes of a record: the 12-byte frame followed by ``payload``."""
-    return _RECORD_FRAME.pack(RECORD_MAGIC, len(payload), zlib.crc32(payload)) + payload
-
-
-def parse_header(raw: bytes, path: Path) -> SegmentHeader | str:
-    """Decode a segment header.
-
-    Args:
-        raw: the first ``HEADER_SIZE`` bytes of the segment (fewer if the file is shorter).
-        path: the segment, for error messages.
-
-    Returns:
-        The header, or a short phrase saying why it is damaged (short, bad magic, bad CRC, reserved bytes).
-
-    Raises:
-        JournalVersionError: the magic is right but the version is not one this code reads.
-    """
-    if len(raw) >= 9 and raw[:8] == SEGMENT_MAGIC and raw[8] not in READABLE_VERSIONS:
-        raise JournalVersionError(
-            path=path, version=raw[8], supported=", ".join(str(v) for v in sorted(READABLE_VERSIONS))
-        )
-    if len(raw) < HEADER_SIZE:
-        return f"segment header is short ({len(raw)} of {HEADER_SIZE} bytes)"
-    magic, version, reserved, vault_id, epoch, first_seq = _HEADER_BODY.unpack_from(raw)
-    if magic != SEGMENT_MAGIC:
-        return f"bad segment magic {magic!r}"
-    (crc,) = _HEADER_CRC.unpack_from(raw, _HEADER_BODY.size)
-    if zlib.crc32(raw[: _HEADER_BODY.size]) != crc:
-        return "segment header CRC mismatch"
-    if reserved != bytes(7):
-        return "reserved header bytes are not zero"
-    return SegmentHeader(version, vault_id, epoch, first_seq)
-
-
-def _corrupt(path: Path, offset: int, reason: str) -> JournalCorruptError:
-    return JournalCorruptError(path=path, offset=offset, reason=reason, journal_dir=path.parent)
-
-
-def _check_header(header: SegmentHeader, seg: SegmentInfo, vault_id: bytes | None) -> None:
-    """Raise JournalCorruptError if a valid header disagrees with its file name or the vault id."""
-    if header.first_seq != seg.first_seq:
-        raise _corrupt(
-            seg.path, 0, f"header says first seq {header.first_seq}, the file name says {seg.first_seq}"
-        )
-    if vault_id is not None and header.vault_id != vault_id:
-        raise _corrupt(
-            seg.path, 0, f"segment belongs to vault id {header.vault_id.hex()}, expected vault id {vault_id.hex()}"
-        )
-
-
-class _ScanState:
-    """Where a record scan stopped: end of the last good record, next seq, count, and the damage if any."""
-
-    __slots__ = ("end", "next_seq", "count", "damage")
-
-    def __init__(self, offset: int, next_seq: int) -> None:
-        self.end = offset
-        self.next_seq = next_seq
-        self.count = 0
-        self.damage: tuple[int, str] | None = None
-
-
-def _iter_records(f: BinaryIO, path: Path, state: _ScanState) -> Iterator[Record]:
-    """Yield the valid records of ``f`` from ``state.end`` (f is positioned there), updating ``state``.
-
-    Stops at end of file or at the first damage point (recorded in ``state.damage``; the caller decides whether
-    it is a torn tail or corruption). Raises JournalCorruptError for a CRC-valid record that does not decode or
-    breaks seq continuity: its CRC proves it was written like that.
-    """
-    read = f.read
-    offset = state.end
-    next_seq = state.next_seq
-    while True:
-        frame = read(RECORD_FRAME_SIZE)
-        if len(frame) < RECORD_FRAME_SIZE:
-            if frame:
-                state.damage = (offset, f"{len(frame)} bytes at the end, too short for a record frame")
-            return
-        magic, length, crc = _RECORD_FRAME.unpack(frame)
-        if magic != RECORD_MAGIC:
-            state.damage = (offset, f"bad record magic {magic!r}")
-            return
-        if not 0 < length <= MAX_PAYLOAD_BYTES:
-            state.damage = (offset, f"bad record length {length}")
-            return
-        payload = read(length)
-        if len(payload) < length:
-            state.damage = (offset, f"record of {length} bytes runs past the end of the segment")
-            return
-        if zlib.crc32(payload) != crc:
-            state.damage = (offset, "record CRC mismatch")
-            return
-        try:
-            rec = decode_record(payload)
-        except OpError as exc:
-            raise _corrupt(path, offset, f"record does not decode: {exc.fields.get('reason', exc)}") from exc
-        if rec.seq != next_seq:
-            raise _corrupt(path, offset, f"record has seq {rec.seq}, expected {next_seq}")
-        offset += RECORD_FRAME_SIZE + length
-        next_seq += 1
-        state.end = offset
-        state.next_seq = next_seq
-        state.count += 1
-        yield rec
-
-
-def _find_valid_record(path: Path, start: int, min_seq: int) -> int | None:
-    """Offset of the first valid record at or after ``start`` whose seq is above ``min_seq``, or None.
-
-    This is the forward scan of docs/FORMAT.md §3.2 (magic, length, CRC, decodable payload). It reads the rest of
-    the file into memory; it runs only after damage was found.
-    """
-    try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            data = f.read()
-    except FileNotFoundError:
-        return None
-    pos = data.find(RECORD_MAGIC)
-    while pos >= 0:
-        if pos + RECORD_FRAME_SIZE <= len(data):
-            _, length, crc = _RECORD_FRAME.unpack_from(data, pos)
-            end = pos + RECORD_FRAME_SIZE + length
-            if 0 < length <= MAX_PAYLOAD_BYTES and end <= len(data):
-                payload = data[pos + RECORD_FRAME_SIZE : end]
-                if zlib.crc32(payload) == crc:
-                    try:
-                        rec = decode_record(payload)
-                    except OpError:
-                        rec = None
-                    if rec is not None and rec.seq > min_seq:
-                        return start + pos
-        pos = data.find(RECORD_MAGIC, pos + 1)
-    return None
-
-
-def _read_header(path: Path) -> SegmentHeader | str:
-    with open(path, "rb") as f:
-        return parse_header(f.read(HEADER_SIZE), path)
-
-
-def _scan_frames(path: Path, header: SegmentHeader) -> _ScanState:
-    """Recovery's scan of a segment: where the valid records end, and the damage, if any.
-
-    Every record's frame and CRC are checked, but only the first and the last valid record are decoded; seq
-    continuity is checked by count (the last seq must be first_seq + count - 1). Decoding every record costs
-    about 10 us each (13 s for a 64 MiB segment of small ops), too slow for every mount; a record in between
-    that does not decode is found by the reader, which decodes everything (docs/FORMAT.md §6).
-    """
-    state = _ScanState(HEADER_SIZE, header.first_seq)
-    offset = HEADER_SIZE
-    first: tuple[int, bytes] | None = None
-    last: tuple[int, bytes] | None = None
-    with open(path, "rb") as f:
-        f.seek(HEADER_SIZE)
-        read = f.read
-        while True:
-            frame = read(RECORD_FRAME_SIZE)
-            if len(frame) < RECORD_FRAME_SIZE:
-                if frame:
-                    state.damage = (offset, f"{len(frame)} bytes at the end, too short for a record frame")
-                break
-            magic, length, crc = _RECORD_FRAME.unpack(frame)
-            if magic != RECORD_MAGIC:
-                state.damage = (offset, f"bad record magic {magic!r}")
-                break
-            if not 0 < length <= MAX_PAYLOAD_BYTES:
-                state.damage = (offset, f"bad record length {length}")
-                break
-            payload = read(length)
-            if len(payload) < length:
-                state.damage = (offset, f"record of {length} bytes runs past the end of the segment")
-                break
-            if zlib.crc32(payload) != crc:
-                state.damage = (offset, "record CRC mismatch")
-                break
-            last = (offset, payload)
-            if first is None:
-                first = last
-            offset += RECORD_FRAME_SIZE + length
-            state.count += 1
-    state.end = offset
-    state.next_seq = header.first_seq + state.count
-    for found, want in ((first, header.first_seq), (last, state.next_seq - 1)):
-        if found is None:
-            continue
-        rec_offset, payload = found
-        try:
-            rec = decode_record(payload)
-        except OpError as exc:
-            raise _corrupt(path, rec_offset, f"record does not decode: {exc.fields.get('reason', exc)}") from exc
-        if rec.seq != want:
-            raise _corrupt(path, rec_offset, f"record has seq {rec.seq}, expected {want}")
-    return state
+# -- writer helpers ------------------------------------------------------------
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -391,39 +164,7 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-# -- module functions ---------------------------------------------------------------
-
-
-def list_segments(journal_dir: Path) -> list[SegmentInfo]:
-    """List the segment files of a journal, sorted by first seq.
-
-    Files whose names are not ``<16 hex digits>.seg`` are ignored. A missing directory is an empty journal.
-
-    Args:
-        journal_dir: the ``journal/`` directory of a state dir.
-
-    Returns:
-        One ``SegmentInfo`` per segment, oldest first.
-    """
-    try:
-        names = os.listdir(journal_dir)
-    except FileNotFoundError:
-        return []
-    segs = []
-    for name in names:
-        if not name.endswith(SEGMENT_SUFFIX):
-            continue
-        path = journal_dir / name
-        first_seq = segment_first_seq(path)
-        if first_seq is None:
-            continue
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:  # dropped while we listed
-            continue
-        segs.append(SegmentInfo(path, first_seq, st.st_size))
-    segs.sort(key=lambda s: s.first_seq)
-    return segs
+# -- dropping segments ------------------------------------------------------------------
 
 
 def drop_segments_before(journal_dir: Path, seq: int) -> int:
@@ -478,23 +219,13 @@ class JournalWriter:
             cut-back after a failed append). The vault then needs a resync.
     """
 
-    def __init__(
-        self,
-        journal_dir: Path,
-        dir_fd: int,
-        *,
-        vault_id: bytes,
-        epoch: int,
-        max_segment_bytes: int,
-        max_total_bytes: int | None,
-    ) -> None:
-        """Use ``JournalWriter.open``."""
+    def __init__(self, journal_dir: Path, dir_fd: int, vault_id: bytes, epoch: int, limits: tuple[int, int | None]):
+        """Use ``JournalWriter.open``; ``limits`` is (max_segment_bytes, max_total_bytes)."""
         self._dir = journal_dir
         self._dir_fd = dir_fd
         self._vault_id = vault_id
         self._epoch = epoch
-        self._max_segment_bytes = max_segment_bytes
-        self._max_total_bytes = max_total_bytes
+        self._max_segment_bytes, self._max_total_bytes = limits
         self.last_seq = 0
         self.durable_seq = 0
         self.recovery = RecoveryReport(last_seq=0)
@@ -560,14 +291,7 @@ class JournalWriter:
             dir_fd = os.open(journal_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise JournalIOError(path=journal_dir, reason=exc.strerror or str(exc)) from exc
-        writer = cls(
-            journal_dir,
-            dir_fd,
-            vault_id=vault_id,
-            epoch=epoch,
-            max_segment_bytes=max_segment_bytes,
-            max_total_bytes=max_total_bytes,
-        )
+        writer = cls(journal_dir, dir_fd, vault_id, epoch, (max_segment_bytes, max_total_bytes))
         try:
             writer._recover()
         except BaseException:
@@ -595,7 +319,7 @@ class JournalWriter:
         if live is not None:
             self._seg_path = live.path
             self._seg_first = live.first_seq
-            header = _read_header(live.path)
+            header = read_header(live.path)
             # A segment holds records of one epoch: a writer in a new epoch starts a new segment.
             # (A live segment without records had its header rewritten with our epoch in _recover_segments.)
             self._need_new_segment = not isinstance(header, SegmentHeader) or header.epoch != self._epoch
@@ -616,32 +340,32 @@ class JournalWriter:
     def _recover_segments(self) -> tuple[SegmentInfo | None, RecoveryReport]:
         """Apply docs/FORMAT.md §6; return the live segment (None if none) and the report."""
         segs = list_segments(self._dir)
-        headers = [_read_header(seg.path) for seg in segs]  # may raise JournalVersionError
+        headers = [read_header(seg.path) for seg in segs]  # may raise JournalVersionError
         for seg, header in zip(segs, headers):
             if isinstance(header, SegmentHeader):
-                _check_header(header, seg, self._vault_id)
+                check_header(header, seg.path, seg.first_seq, self._vault_id)
         # Walk back from the newest segment to T, the last one holding a valid record.
         t_index: int | None = None
-        t_state: _ScanState | None = None
+        t_state: ScanState | None = None
         for i in range(len(segs) - 1, -1, -1):
             seg, header = segs[i], headers[i]
             if isinstance(header, str):
-                found = _find_valid_record(seg.path, 0, 0)
+                found = find_valid_record(seg.path, 0, 0)
                 if found is not None:
-                    raise _corrupt(seg.path, 0, f"{header}, but a valid record follows at offset {found}")
+                    raise corrupt_error(seg.path, 0, f"{header}, but a valid record follows at offset {found}")
                 continue
-            state = _scan_frames(seg.path, header)
+            state = scan_frames(seg.path, header)
             if state.count:
                 t_index, t_state = i, state
                 break
             if state.damage is not None:
-                found = _find_valid_record(seg.path, state.end, 0)
+                found = find_valid_record(seg.path, state.end, 0)
                 if found is not None:
-                    raise _corrupt(seg.path, state.damage[0], f"{state.damage[1]}, but a valid record follows")
+                    raise corrupt_error(seg.path, state.damage[0], f"{state.damage[1]}, but a valid record follows")
         if t_index is not None:
             for seg, header in zip(segs[:t_index], headers[:t_index]):
                 if isinstance(header, str):
-                    raise _corrupt(seg.path, 0, f"{header}, but later segments hold valid records")
+                    raise corrupt_error(seg.path, 0, f"{header}, but later segments hold valid records")
         empty = segs[t_index + 1 :] if t_index is not None else segs
         truncated = 0
         cut_seg: Path | None = None
@@ -655,15 +379,15 @@ class JournalWriter:
             last_seq = t_state.next_seq - 1
             if t_state.damage is not None:
                 offset, reason = t_state.damage
-                found = _find_valid_record(tail.path, offset + 1, last_seq)
+                found = find_valid_record(tail.path, offset + 1, last_seq)
                 if found is not None:
-                    raise _corrupt(tail.path, offset, f"{reason}, but a valid record follows at offset {found}")
+                    raise corrupt_error(tail.path, offset, f"{reason}, but a valid record follows at offset {found}")
                 cut_seg, cut_offset = tail.path, t_state.end
                 truncated += tail.size_bytes - t_state.end
                 os.truncate(tail.path, t_state.end)
                 tail = SegmentInfo(tail.path, tail.first_seq, t_state.end)
             elif empty and empty[0].first_seq != last_seq + 1:
-                raise _corrupt(
+                raise corrupt_error(
                     empty[0].path, 0, f"segment should start at seq {last_seq + 1} (the previous one ends there)"
                 )
             elif empty:
@@ -675,8 +399,9 @@ class JournalWriter:
             # header-only live segment of our vault and epoch; delete the others.
             first, header = segs[0], headers[0]
             last_seq = first.first_seq - 1
-            if not (isinstance(header, SegmentHeader) and header.epoch == self._epoch and first.size_bytes == HEADER_SIZE):
-                if isinstance(header, str) or first.size_bytes != HEADER_SIZE:
+            clean = isinstance(header, SegmentHeader) and first.size_bytes == HEADER_SIZE
+            if not (clean and header.epoch == self._epoch):
+                if not clean:
                     reason = header if isinstance(header, str) else "torn record after the segment header"
                     cut_seg, cut_offset = first.path, HEADER_SIZE if isinstance(header, SegmentHeader) else 0
                     truncated += max(first.size_bytes - HEADER_SIZE, 0)
@@ -737,7 +462,7 @@ class JournalWriter:
         self._check_usable()
         seq = self.last_seq + 1
         payload = encode_record(Record(seq, time.time_ns() if time_ns is None else time_ns, op))
-        data = _RECORD_FRAME.pack(RECORD_MAGIC, len(payload), zlib.crc32(payload)) + payload
+        data = frame_record(payload)
         rotate = (
             self._fd is None
             or self._need_new_segment
@@ -1013,38 +738,38 @@ class JournalReader:
             with f:
                 header = parse_header(f.read(HEADER_SIZE), seg.path)
                 if isinstance(header, str):
-                    self._end_or_corrupt(segs, k, 0, header, (next_seq or seg.first_seq) - 1)
+                    self._end_orcorrupt_error(segs, k, 0, header, (next_seq or seg.first_seq) - 1)
                     return
-                _check_header(header, seg, vault_id)
+                check_header(header, seg.path, seg.first_seq, vault_id)
                 if vault_id is None:
                     vault_id = header.vault_id
                 if next_seq is not None and header.first_seq != next_seq:
-                    raise _corrupt(seg.path, 0, f"segment starts at seq {header.first_seq}, expected {next_seq}")
+                    raise corrupt_error(seg.path, 0, f"segment starts at seq {header.first_seq}, expected {next_seq}")
                 ino = os.fstat(f.fileno()).st_ino
-                state = _ScanState(HEADER_SIZE, header.first_seq)
+                state = ScanState(HEADER_SIZE, header.first_seq)
                 resume = self._resume
                 if resume is not None and k == first_index and resume[0] == seg.path and resume[1] == ino:
                     if resume[3] <= start_seq:
-                        state = _ScanState(resume[2], resume[3])
+                        state = ScanState(resume[2], resume[3])
                 f.seek(state.end)
-                for rec in _iter_records(f, seg.path, state):
+                for rec in iter_records(f, seg.path, state):
                     self._resume = (seg.path, ino, state.end, state.next_seq)
                     if rec.seq >= start_seq:
                         yield rec
                 next_seq = state.next_seq
                 if state.damage is not None:
-                    self._end_or_corrupt(segs, k, state.damage[0], state.damage[1], next_seq - 1)
+                    self._end_orcorrupt_error(segs, k, state.damage[0], state.damage[1], next_seq - 1)
                     return
 
-    def _end_or_corrupt(self, segs: list[SegmentInfo], k: int, offset: int, reason: str, last_seq: int) -> None:
+    def _end_orcorrupt_error(self, segs: list[SegmentInfo], k: int, offset: int, reason: str, last_seq: int) -> None:
         """Damage in segment k: corruption if any valid record follows it (FORMAT §6), else the end of the data."""
         path = segs[k].path
-        found = _find_valid_record(path, offset + 1, last_seq)
+        found = find_valid_record(path, offset + 1, last_seq)
         if found is not None:
             detail = f"a valid record follows at offset {found}"
         else:
             for later in segs[k + 1 :]:
-                if _find_valid_record(later.path, 0, last_seq) is not None:
+                if find_valid_record(later.path, 0, last_seq) is not None:
                     detail = f"segment {later.path.name} holds valid records"
                     break
             else:
@@ -1053,23 +778,8 @@ class JournalReader:
         # above read the file again, later, and saw what was appended after it. The writer appends in order, so
         # a record seen after the damage means the damaged bytes had been completely written before that second
         # read began; reading them once more now tells a concurrent append (valid now) from corruption.
-        if _valid_at(path, offset):
+        if valid_at(path, offset):
             log.debug("%s: damage at offset %d was an append in progress", path, offset)
             return
-        raise _corrupt(path, offset, f"{reason}, but {detail}")
+        raise corrupt_error(path, offset, f"{reason}, but {detail}")
 
-
-def _valid_at(path: Path, offset: int) -> bool:
-    """Whether ``path`` now holds a valid header (offset 0) or a valid record frame and payload at ``offset``."""
-    with open(path, "rb") as f:
-        if offset == 0:
-            return isinstance(parse_header(f.read(HEADER_SIZE), path), SegmentHeader)
-        f.seek(offset)
-        frame = f.read(RECORD_FRAME_SIZE)
-        if len(frame) < RECORD_FRAME_SIZE:
-            return False
-        magic, length, crc = _RECORD_FRAME.unpack(frame)
-        if magic != RECORD_MAGIC or not 0 < length <= MAX_PAYLOAD_BYTES:
-            return False
-        payload = f.read(length)
-        return len(payload) == length and zlib.crc32(payload) == crc

@@ -23,16 +23,10 @@ from typing import Callable, Iterator
 
 from octofs import codec
 from octofs.errors import OpError, UsageError
-from octofs.journal import (
-    HEADER_SIZE,
-    RECORD_FRAME_SIZE,
-    RECORD_MAGIC,
-    JournalReader,
-    list_segments,
-    parse_header,
-)
+from octofs.journal import JournalReader, list_segments
 from octofs.ops import Op, Record
 from octofs.paths import journal_dir
+from octofs.segment import HEADER_SIZE, RECORD_FRAME_SIZE, RECORD_MAGIC, parse_header
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +147,8 @@ def _op_fields(op: Op) -> Iterator[tuple[str, object]]:
 def _text_line(rec: Record) -> str:
     """``seq time op-type path fields``; data shown as length:sha256-prefix."""
     op = rec.op
-    parts = [str(rec.seq), _rfc3339_ns(rec.time_ns), codec.op_name(op), _show_bytes(op.path) if op.path else "."]  # "." = the vault root
+    path = _show_bytes(op.path) if op.path else "."  # "." is the vault root (no vault path can be ".")
+    parts = [str(rec.seq), _rfc3339_ns(rec.time_ns), codec.op_name(op), path]
     for name, value in _op_fields(op):
         if isinstance(value, bytes):
             shown = _blob(value) if name in _BLOB_FIELDS else _show_bytes(value)

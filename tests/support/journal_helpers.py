@@ -15,7 +15,8 @@ from pathlib import Path
 from hypothesis import strategies as st
 
 from octofs import ops
-from octofs.journal import HEADER_SIZE, RECORD_FRAME_SIZE, JournalWriter, header_bytes, list_segments
+from octofs.journal import JournalWriter, list_segments
+from octofs.segment import HEADER_SIZE, RECORD_FRAME_SIZE, header_bytes
 from octofs.paths import journal_dir
 
 GOLDEN_VAULT_ID = b"octofs-golden-v1"
@@ -182,6 +183,7 @@ uints = st.integers(min_value=0, max_value=2**64 - 1)
 ids = st.integers(min_value=-(2**31), max_value=2**32)
 perm = st.integers(min_value=0, max_value=0o7777)
 blobs = st.binary(max_size=300)
+rename_flags = st.sampled_from([0, ops.RENAME_NOREPLACE, ops.RENAME_EXCHANGE])
 xattr_names = st.binary(min_size=1, max_size=40).filter(lambda b: b"\0" not in b)
 
 
@@ -197,7 +199,7 @@ OP_STRATEGIES = {
     ops.LinkOp: st.builds(ops.LinkOp, paths, paths),
     ops.UnlinkOp: st.builds(ops.UnlinkOp, paths),
     ops.RmdirOp: st.builds(ops.RmdirOp, paths),
-    ops.RenameOp: st.builds(ops.RenameOp, paths, paths, st.sampled_from([0, ops.RENAME_NOREPLACE, ops.RENAME_EXCHANGE])),
+    ops.RenameOp: st.builds(ops.RenameOp, paths, paths, rename_flags),
     ops.WriteOp: st.builds(ops.WriteOp, paths, uints, blobs, ints),
     ops.TruncateOp: st.builds(ops.TruncateOp, paths, uints, ints),
     ops.SetattrOp: st.builds(ops.SetattrOp, root_or_path, _opt(perm), _opt(ids), _opt(ids), _opt(ints), _opt(ints)),

@@ -27,19 +27,10 @@ from octofs.errors import (
     OpError,
     UsageError,
 )
-from octofs.journal import (
-    HEADER_SIZE,
-    JOURNAL_FORMAT_VERSION,
-    RECORD_FRAME_SIZE,
-    JournalReader,
-    JournalWriter,
-    drop_segments_before,
-    frame_record,
-    header_bytes,
-    list_segments,
-)
 from octofs.codec import encode_record
+from octofs.journal import JOURNAL_FORMAT_VERSION, JournalReader, JournalWriter, drop_segments_before, list_segments
 from octofs.paths import segment_path
+from octofs.segment import HEADER_SIZE, RECORD_FRAME_SIZE, frame_record, header_bytes
 from tests.support.journal_helpers import (
     GOLDEN_CASES,
     GOLDEN_EPOCH,
@@ -265,7 +256,7 @@ def test_reader_stops_at_half_written_record_then_continues(tmp_path):
 def test_reader_does_not_mistake_an_append_in_progress_for_corruption(tmp_path, monkeypatch):
     """The race found by test_reader_in_thread_while_writer_appends, made deterministic: the reader sees a half
     written record, and before its forward scan runs, the writer completes it and appends another."""
-    import octofs.journal as journal_module
+    import octofs.journal as journal_module  # the reader calls segment.find_valid_record via this name
 
     jdir = tmp_path / "j"
     with open_writer(jdir) as w:
@@ -276,7 +267,7 @@ def test_reader_does_not_mistake_an_append_in_progress_for_corruption(tmp_path, 
         rec3 = frame_record(encode_record(ops.Record(3, 0, small_op(3))))
         with open(seg, "ab") as f:
             f.write(rec2[:20])
-        real_find = journal_module._find_valid_record
+        real_find = journal_module.find_valid_record
 
         def writer_catches_up(path, begin, min_seq):
             if seg.stat().st_size < start + len(rec2):
@@ -285,7 +276,7 @@ def test_reader_does_not_mistake_an_append_in_progress_for_corruption(tmp_path, 
                     f.write(rec2 + rec3)
             return real_find(path, begin, min_seq)
 
-        monkeypatch.setattr(journal_module, "_find_valid_record", writer_catches_up)
+        monkeypatch.setattr(journal_module, "find_valid_record", writer_catches_up)
         reader = JournalReader(jdir)
         assert seqs(reader.records(1)) == [1]  # seq 2 was half written when read: "end for now"
         assert seg.stat().st_size == start + len(rec2) + len(rec3)
