@@ -323,9 +323,9 @@ class JournalWriter:
             # A segment holds records of one epoch: a writer in a new epoch starts a new segment.
             # (A live segment without records had its header rewritten with our epoch in _recover_segments.)
             self._need_new_segment = not isinstance(header, SegmentHeader) or header.epoch != self._epoch
-        if report.truncated_bytes:
+        if report.reason is not None:
             log.warning(
-                "journal %s: cut torn tail of %d bytes (%s at offset %s of %s; removed %d empty segments); "
+                "journal %s: repaired torn tail, %d bytes cut (%s at offset %s of %s; removed %d empty segments); "
                 "last seq is %d",
                 self._dir,
                 report.truncated_bytes,
@@ -428,7 +428,7 @@ class JournalWriter:
             segment=cut_seg,
             offset=cut_offset,
             removed=tuple(removed),
-            reason=reason if (truncated or removed) else None,
+            reason=reason if (truncated or removed or cut_seg) else None,
         )
         return live, report
 
@@ -738,7 +738,7 @@ class JournalReader:
             with f:
                 header = parse_header(f.read(HEADER_SIZE), seg.path)
                 if isinstance(header, str):
-                    self._end_orcorrupt_error(segs, k, 0, header, (next_seq or seg.first_seq) - 1)
+                    self._end_or_corrupt(segs, k, 0, header, (next_seq or seg.first_seq) - 1)
                     return
                 check_header(header, seg.path, seg.first_seq, vault_id)
                 if vault_id is None:
@@ -758,10 +758,10 @@ class JournalReader:
                         yield rec
                 next_seq = state.next_seq
                 if state.damage is not None:
-                    self._end_orcorrupt_error(segs, k, state.damage[0], state.damage[1], next_seq - 1)
+                    self._end_or_corrupt(segs, k, state.damage[0], state.damage[1], next_seq - 1)
                     return
 
-    def _end_orcorrupt_error(self, segs: list[SegmentInfo], k: int, offset: int, reason: str, last_seq: int) -> None:
+    def _end_or_corrupt(self, segs: list[SegmentInfo], k: int, offset: int, reason: str, last_seq: int) -> None:
         """Damage in segment k: corruption if any valid record follows it (FORMAT §6), else the end of the data."""
         path = segs[k].path
         found = find_valid_record(path, offset + 1, last_seq)

@@ -386,6 +386,7 @@ def test_torn_header_keeps_numbering_when_it_is_the_only_segment(tmp_path):
     with open_writer(jdir) as w:
         assert w.last_seq == 100
         assert seg.stat().st_size == HEADER_SIZE
+        assert w.recovery.segment == seg and "short" in w.recovery.reason
         assert w.append(small_op(1)) == 101
     assert seqs(read_all(jdir, 101)) == [101]
 
@@ -881,7 +882,7 @@ def test_golden_ok(tmp_path, case):
     assert tree_bytes(copy) == tree_bytes(jdir)
 
 
-def test_golden_torn_tail(tmp_path):
+def test_golden_torn_tail(tmp_path, caplog):
     exp = _expected("torn-tail")
     jdir = GOLDEN / "torn-tail" / "journal"
     assert read_all(jdir) == golden_records()[: exp["last_seq"]]
@@ -892,6 +893,8 @@ def test_golden_torn_tail(tmp_path):
         assert w.recovery.truncated_bytes == exp["truncated_bytes"]
         assert w.recovery.offset == exp["cut_offset"]
     assert (copy / exp["segment"]).stat().st_size == exp["cut_offset"]
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and r.name == "octofs.journal"]
+    assert len(warnings) == 1 and "repaired torn tail" in warnings[0].getMessage()
 
 
 def test_golden_crc_mismatch(tmp_path):
