@@ -77,9 +77,13 @@ def fusermount_unmount(mountpoint: Path, *, lazy: bool = False) -> tuple[int, st
 
 
 def is_stale(mountpoint: Path) -> bool:
-    """True if ``mountpoint`` is a FUSE mount whose daemon is gone (ENOTCONN on stat)."""
+    """True if ``mountpoint`` is a FUSE mount whose daemon is gone (ENOTCONN).
+
+    statvfs, not stat: the kernel may answer stat from its attribute cache without
+    asking the (dead) daemon, but statfs always goes to the filesystem.
+    """
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as exc:
         return exc.errno in (107, 103)  # ENOTCONN, ECONNABORTED
     return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,17 @@ def _sweep_mounts(tmp_path_factory):
     left = sweep_stale_mounts(base)
     if left:
         raise AssertionError(f"tests left mounts behind (swept now): {left}")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """In-process `octofs.cli.main()` configures the root logger; undo it after each test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    octofs_levels = {name: logging.getLogger(name).level for name in list(logging.root.manager.loggerDict)
+                     if name.startswith("octofs")}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, lvl in octofs_levels.items():
+        logging.getLogger(name).setLevel(lvl)

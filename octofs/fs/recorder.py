@@ -74,15 +74,19 @@ class Recorder:
             async with self._sync_lock:
                 if writer.durable_seq >= seq:
                     return
-                ticket = writer.begin_sync()
-                if ticket is None:
-                    return
                 try:
-                    await trio.to_thread.run_sync(JournalWriter.run_sync, ticket)
-                except OSError as exc:
+                    ticket = writer.begin_sync()
+                    if ticket is None:
+                        return
+                    try:
+                        await trio.to_thread.run_sync(JournalWriter.run_sync, ticket)
+                    finally:
+                        # Always hand the ticket back: after a failed fsync the writer
+                        # marks itself failed (a retried fsync after EIO can lie).
+                        writer.finish_sync(ticket)
+                except JournalError as exc:
                     self._fail(f"fsync of the journal failed: {exc}")
                     raise FUSEError(errno.EIO) from None
-                writer.finish_sync(ticket)
 
     async def sync_all(self) -> None:
         """Make everything appended so far durable (periodic flush, clean shutdown)."""
