@@ -1,0 +1,249 @@
+"""protocol.py: owns the replication wire protocol, sans I/O: frames, messages, authentication proofs.
+
+A frame is ``length u32le`` + a msgpack map (codec.packb) with a ``"t"`` key naming
+the message type. docs/FORMAT.md §7 is the spec; this module is its only
+implementation.
+
+Invariants:
+- ``FrameDecoder`` never returns a partial or malformed message: bytes that are
+  not a valid frame of a known type raise ``ProtocolError`` (and the connection
+  is then closed by the caller, DESIGN invariant 7). A length above
+  ``MAX_FRAME_BYTES`` is refused before anything is buffered for it.
+- Op records travel as the journal's record payloads (codec.encode_record); the
+  receiver decodes and validates each one with codec.decode_record before use.
+- The shared secret never crosses the wire: each side proves it knows it with an
+  HMAC-SHA256 over both sides' fresh nonces, the vault id and its own role, so a
+  proof cannot be replayed or reflected back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import struct
+from dataclasses import dataclass
+from typing import Union
+
+from octofs import codec
+from octofs.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+DEFAULT_PORT = 7070
+MAX_FRAME_BYTES = 64 * 2**20
+NONCE_BYTES = 32
+_LEN = struct.Struct("<I")
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """primary → target: who I am, which versions I speak, my nonce."""
+
+    versions: tuple[int, ...]
+    vault: str
+    vault_id: bytes
+    epoch: int
+    nonce: bytes
+    heartbeat_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """target → primary: the chosen version, my nonce, my proof of the secret."""
+
+    version: int
+    nonce: bytes
+    proof: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """primary → target: my proof of the secret."""
+
+    proof: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """target → primary: authenticated; resume after ``acked_seq``."""
+
+    acked_seq: int
+    epoch: int
+    owners: bool  # whether the target reproduces file owners (runs as root)
+
+
+@dataclass(frozen=True, slots=True)
+class OpBatch:
+    """primary → target: consecutive journal records (codec payloads), seqs ascending."""
+
+    records: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """target → primary: everything up to ``seq`` is durable on the target."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """primary → target: I am alive; my journal ends at ``last_seq``. Answered with an Ack."""
+
+    time_ns: int
+    last_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """either way: the sender closes after this. ``code`` is one of ERROR_CODES."""
+
+    code: str
+    message: str
+
+
+Message = Union[Hello, Challenge, Auth, Welcome, OpBatch, Ack, Heartbeat, Error]
+
+ERROR_CODES = frozenset({"version", "auth", "vault_id", "epoch", "busy", "protocol", "apply", "internal"})
+
+# type tag ↔ class, and each field's expected Python type (for decoding).
+_TYPES: dict[str, type] = {
+    "hello": Hello,
+    "challenge": Challenge,
+    "auth": Auth,
+    "welcome": Welcome,
+    "ops": OpBatch,
+    "ack": Ack,
+    "hb": Heartbeat,
+    "error": Error,
+}
+_TAGS = {cls: tag for tag, cls in _TYPES.items()}
+_FIELDS: dict[type, dict[str, tuple[type, ...]]] = {
+    Hello: {"versions": (list,), "vault": (str,), "vault_id": (bytes,), "epoch": (int,), "nonce": (bytes,),
+            "heartbeat_s": (int, float)},
+    Challenge: {"version": (int,), "nonce": (bytes,), "proof": (bytes,)},
+    Auth: {"proof": (bytes,)},
+    Welcome: {"acked_seq": (int,), "epoch": (int,), "owners": (bool,)},
+    OpBatch: {"records": (list,)},
+    Ack: {"seq": (int,)},
+    Heartbeat: {"time_ns": (int,), "last_seq": (int,)},
+    Error: {"code": (str,), "message": (str,)},
+}
+
+
+def encode(msg: Message) -> bytes:
+    """One frame: length prefix + msgpack map."""
+    body: dict[str, object] = {"t": _TAGS[type(msg)]}
+    for name in _FIELDS[type(msg)]:
+        value = getattr(msg, name)
+        body[name] = list(value) if isinstance(value, tuple) else value
+    payload = codec.packb(body)
+    if len(payload) > MAX_FRAME_BYTES:
+        raise ValueError(f"frame of {len(payload)} bytes exceeds MAX_FRAME_BYTES")
+    return _LEN.pack(len(payload)) + payload
+
+
+def decode_payload(payload: bytes, peer: str = "peer") -> Message:
+    """Decode one frame's payload (without its length prefix) into a message."""
+    try:
+        body = codec.unpackb(payload)
+    except codec.CodecError as exc:
+        raise ProtocolError(peer=peer, reason=f"undecodable frame: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(peer=peer, reason="frame is not a map")
+    tag = body.get("t")
+    cls = _TYPES.get(tag) if isinstance(tag, str) else None
+    if cls is None:
+        raise ProtocolError(peer=peer, reason=f"unknown message type {tag!r}")
+    kwargs = {}
+    for name, types in _FIELDS[cls].items():
+        if name not in body:
+            raise ProtocolError(peer=peer, reason=f"{tag}: missing field {name!r}")
+        value = body[name]
+        # bool is an int subclass: only accept it where a bool is expected.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ProtocolError(peer=peer, reason=f"{tag}: field {name!r} has type {type(value).__name__}")
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise ProtocolError(peer=peer, reason=f"{tag}: field {name!r} is negative")
+        kwargs[name] = value
+    # Unknown keys are ignored: a newer peer may add fields (docs/FORMAT.md §7).
+    if cls is Hello:
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in kwargs["versions"]):
+            raise ProtocolError(peer=peer, reason="hello: versions must be integers")
+        kwargs["versions"] = tuple(kwargs["versions"])
+        if len(kwargs["vault_id"]) != 16 or len(kwargs["nonce"]) != NONCE_BYTES:
+            raise ProtocolError(peer=peer, reason="hello: bad vault_id or nonce length")
+    elif cls is Challenge:
+        if len(kwargs["nonce"]) != NONCE_BYTES:
+            raise ProtocolError(peer=peer, reason="challenge: bad nonce length")
+    elif cls is OpBatch:
+        if not all(isinstance(r, bytes) for r in kwargs["records"]):
+            raise ProtocolError(peer=peer, reason="ops: records must be binary")
+        kwargs["records"] = tuple(kwargs["records"])
+    return cls(**kwargs)
+
+
+class FrameDecoder:
+    """Incremental frame decoder: feed bytes, take whole messages out.
+
+    Args:
+        peer: a name for error messages.
+        max_frame_bytes: the largest frame accepted.
+    """
+
+    def __init__(self, peer: str = "peer", max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        self._buf = bytearray()
+        self._peer = peer
+        self._max = max_frame_bytes
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def next_message(self) -> Message | None:
+        """The next whole message, or None if more bytes are needed. Raises ProtocolError."""
+        if len(self._buf) < _LEN.size:
+            return None
+        (length,) = _LEN.unpack_from(self._buf)
+        if length > self._max:
+            raise ProtocolError(peer=self._peer, reason=f"frame length {length} exceeds the limit of {self._max}")
+        if len(self._buf) < _LEN.size + length:
+            return None
+        payload = bytes(self._buf[_LEN.size : _LEN.size + length])
+        del self._buf[: _LEN.size + length]
+        return decode_payload(payload, self._peer)
+
+
+# -- authentication ------------------------------------------------------------
+
+
+def new_nonce() -> bytes:
+    return secrets.token_bytes(NONCE_BYTES)
+
+
+def _proof(secret: bytes, role: bytes, own_nonce: bytes, other_nonce: bytes, vault_id: bytes) -> bytes:
+    return hmac.new(secret, b"octofs-v1|" + role + b"|" + own_nonce + other_nonce + vault_id, hashlib.sha256).digest()
+
+
+def target_proof(secret: bytes, primary_nonce: bytes, target_nonce: bytes, vault_id: bytes) -> bytes:
+    """What the target sends in Challenge: bound to the primary's fresh nonce."""
+    return _proof(secret, b"target", target_nonce, primary_nonce, vault_id)
+
+
+def primary_proof(secret: bytes, primary_nonce: bytes, target_nonce: bytes, vault_id: bytes) -> bytes:
+    """What the primary sends in Auth: bound to the target's fresh nonce."""
+    return _proof(secret, b"primary", primary_nonce, target_nonce, vault_id)
+
+
+def proofs_equal(a: bytes, b: bytes) -> bool:
+    return hmac.compare_digest(a, b)
+
+
+def choose_version(offered: tuple[int, ...]) -> int | None:
+    """The highest version both sides speak, or None."""
+    common = set(offered) & set(SUPPORTED_VERSIONS)
+    return max(common) if common else None
