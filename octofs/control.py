@@ -98,14 +98,14 @@ async def _read_line(stream: trio.SocketStream) -> dict[str, Any]:
     return obj
 
 
-def request(socket_path: Path, cmd: str, *, timeout_s: float | None = 10.0, **fields: Any) -> dict[str, Any]:
+def request(socket_path: Path, cmd: str, *, io_timeout_s: float | None = 10.0, **fields: Any) -> dict[str, Any]:
     """Send one command to the daemon at ``socket_path`` and return its reply.
 
     Raises:
         DaemonNotRunningError: nobody answers on the socket.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout_s)
+    sock.settimeout(io_timeout_s)
     try:
         try:
             sock.connect(os.fspath(socket_path))

@@ -13,6 +13,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,17 +25,21 @@ import trio
 
 from octofs import paths, state
 from octofs.config import VaultConfig
-from octofs.control import serve_control
+from octofs.control import ControlRequestError, serve_control
+from octofs.errors import ConfigValueError
 from octofs.fs.mount import mount_options, open_mount, serve_mount, terminate
 from octofs.fs.operations import PassthroughOperations
 from octofs.fs.recorder import Recorder
-from octofs.journal import JournalWriter
+from octofs.journal import JournalWriter, drop_segments_before
+from octofs.shipper import Forwarding, Shipper
 
 log = logging.getLogger(__name__)
 
 # How often the journal is fsynced when nobody asks for it: bounds what a power
 # cut can take from writes that no application fsynced.
 FLUSH_INTERVAL_S = 1.0
+# How often acked seqs are saved and fully acked segments dropped.
+JANITOR_INTERVAL_S = 1.0
 
 
 def write_ready_file(path: Path, info: dict) -> None:
@@ -53,6 +58,26 @@ class PrimaryDaemon:
         self.started_at = time.time()
         self.recorder: Recorder | None = None
         self.ops: PassthroughOperations | None = None
+        self.shippers: list[Shipper] = []
+        self.forwarding = Forwarding(self._initial_forwarding())
+
+    def _initial_forwarding(self) -> bool:
+        """`octofs forward on|off` is saved in the state dir and wins over vault.yaml."""
+        try:
+            return paths.forwarding_path(self.state_dir).read_text().strip() != "off"
+        except FileNotFoundError:
+            return self.cfg.forwarding
+
+    def _secret(self) -> bytes:
+        cfg = self.cfg
+        if cfg.secret_file is None:
+            raise ConfigValueError(path=str(cfg.path), line="-", key="secret_file",
+                                   reason="required when targets are configured")
+        secret = cfg.secret_file.read_bytes().strip()
+        if not secret:
+            raise ConfigValueError(path=str(cfg.path), line="-", key="secret_file",
+                                   reason=f"{cfg.secret_file} is empty")
+        return secret
 
     def _on_journal_failure(self, message: str) -> None:
         try:
@@ -94,13 +119,26 @@ class PrimaryDaemon:
         os.umask(0)
         self.recorder = Recorder(writer, on_failure=self._on_journal_failure)
         self.ops = PassthroughOperations(os.fsencode(cfg.backing), self.recorder)
+        secret = self._secret() if cfg.targets else b""
+        vault_id = state.vault_id(self.state_dir)
+        for t in cfg.targets:
+            self.shippers.append(Shipper(
+                name=t.name, host=t.host, port=t.port, mode=t.mode, vault=cfg.vault, vault_id=vault_id,
+                epoch=state.read_epoch(self.state_dir), secret=secret, heartbeat_s=cfg.heartbeat_s,
+                journal_dir=paths.journal_dir(self.state_dir), recorder=self.recorder,
+                forwarding=self.forwarding, acked_seq=_read_acked(self.state_dir, t.name),
+            ))
         options = mount_options(str(self.state_dir), allow_other=cfg.allow_other)
         async with open_mount(self.ops, self.mountpoint, options):
             log.info("vault %s mounted on %s (backing %s)", cfg.vault, self.mountpoint, cfg.backing)
             async with trio.open_nursery() as nursery:
-                await nursery.start(
-                    serve_control, paths.control_socket_path(self.state_dir), {"status": self._status}
-                )
+                await nursery.start(serve_control, paths.control_socket_path(self.state_dir), {
+                    "status": self._status, "wait_synced": self._wait_synced, "forward": self._forward,
+                })
+                for shipper in self.shippers:
+                    nursery.start_soon(shipper.run)
+                if self.shippers:
+                    nursery.start_soon(self._janitor)
                 nursery.start_soon(self._flush_periodically)
                 nursery.start_soon(self._watch_signals)
                 paths.pid_path(self.state_dir).write_text(f"{os.getpid()}\n")
@@ -150,8 +188,71 @@ class PrimaryDaemon:
                 "segments": js.segments,
                 "bytes": js.bytes,
             },
-            "targets": [],
+            "forwarding": "on" if self.forwarding.on else "off",
+            "targets": [dataclasses.asdict(sh.statistics()) for sh in self.shippers],
         }
+
+    async def _wait_synced(self, request: dict) -> dict:
+        """The barrier: every target has acked ``seq`` (default: the last seq journaled now)."""
+        assert self.recorder is not None
+        seq = request.get("seq") or self.recorder.writer.last_seq
+        timeout_s = float(request.get("timeout_s") or 60.0)
+        if not isinstance(seq, int) or seq < 0:
+            raise ControlRequestError("seq must be a non-negative integer")
+        if self.shippers and not self.forwarding.on:
+            return {"synced": False, "seq": seq, "reason": "forwarding is off"}
+        with trio.move_on_after(timeout_s):
+            for shipper in self.shippers:
+                await shipper.wait_acked(seq)
+            return {"synced": True, "seq": seq}
+        behind = {sh.name: sh.acked_seq for sh in self.shippers if sh.acked_seq < seq}
+        return {"synced": False, "seq": seq, "reason": f"timed out after {timeout_s:g} s", "acked": behind}
+
+    async def _forward(self, request: dict) -> dict:
+        on = request.get("on")
+        if not isinstance(on, bool):
+            raise ControlRequestError("'on' must be true or false")
+        word = "on" if on else "off"
+        if self.forwarding.on == on:
+            return {"status": f"already_{word}"}
+        state.write_atomic(paths.forwarding_path(self.state_dir), word.encode() + b"\n")
+        self.forwarding.set(on)
+        log.info("forwarding turned %s", word)
+        return {"status": word}
+
+    async def _janitor(self) -> None:
+        """Save acked seqs; drop segments every target has acked; trim the lag index."""
+        assert self.recorder is not None
+        saved: dict[str, int] = {}
+        journal_dir = paths.journal_dir(self.state_dir)
+        while True:
+            await trio.sleep(JANITOR_INTERVAL_S)
+            for sh in self.shippers:
+                if saved.get(sh.name) != sh.acked_seq:
+                    _write_acked(self.state_dir, sh.name, sh.acked_seq)
+                    saved[sh.name] = sh.acked_seq
+            low = min(sh.acked_seq for sh in self.shippers)
+            if low > 0:
+                dropped = await trio.to_thread.run_sync(drop_segments_before, journal_dir, low + 1)
+                if dropped:
+                    log.info("dropped %d journal segment(s) acked by every target", dropped)
+                self.recorder.forget_before(low + 1)
+
+
+def _read_acked(state_dir: Path, target: str) -> int:
+    try:
+        return int(paths.target_acked_path(state_dir, target).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def _write_acked(state_dir: Path, target: str, seq: int) -> None:
+    p = paths.target_acked_path(state_dir, target)
+    p.parent.mkdir(exist_ok=True)
+    # Informational (the target is authoritative at each connect): no fsync needed.
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(f"{seq}\n")
+    os.replace(tmp, p)
 
 
 async def run_primary(cfg: VaultConfig, mountpoint: Path, ready_file: Path | None = None) -> None:

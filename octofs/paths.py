@@ -56,3 +56,13 @@ def log_path(state_dir: Path) -> Path:
 
 def pid_path(state_dir: Path) -> Path:
     return state_dir / "pid"
+
+
+def forwarding_path(state_dir: Path) -> Path:
+    """``on`` or ``off``, as last set by `octofs forward` (wins over vault.yaml)."""
+    return state_dir / "forwarding"
+
+
+def target_acked_path(state_dir: Path, target: str) -> Path:
+    """The last acked seq we heard from a target (informational; the target is authoritative)."""
+    return state_dir / "targets" / f"{target}.acked"

@@ -11,7 +11,7 @@ from typing import Any
 from octofs import paths, state
 from octofs.cli.common import add_command
 from octofs.control import request
-from octofs.errors import DaemonNotRunningError, NotMountedError
+from octofs.errors import DaemonError, DaemonNotRunningError, NotMountedError, UsageError, WaitTimeoutError
 from octofs.mounttab import FS_TYPE, find_mount, octofs_mounts
 
 
@@ -19,10 +19,50 @@ def add_parser(sub) -> None:
     p = add_command(sub, "status", "Show each mounted vault: journal, durability, targets, problems.", run)
     p.add_argument("mountpoints", nargs="*", metavar="MOUNTPOINT", help="default: every octofs mount")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout (docs/CLI_JSON.md)")
+    p.add_argument("--wait-synced", nargs="?", const=0, type=int, metavar="SEQ",
+                   help="block until every target has acked SEQ (default: everything journaled now); "
+                        "exit 0 when synced, 53 on timeout, 50 when forwarding is off")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S", help="for --wait-synced (default 60)")
 
 
-def collect(mountpoints: list[str]) -> list[dict[str, Any]]:
-    """One status document per vault, from its daemon or, if that is gone, from its state dir."""
+def find_vault(which: str | None) -> tuple[Path, str]:
+    """(state dir, vault name) of a mounted vault named by name or mountpoint, or the only one."""
+    entries = octofs_mounts()
+    if which is not None:
+        mp = Path(os.path.abspath(which))
+        for e in entries:
+            if e.mountpoint == mp:
+                return Path(e.source), which
+        for e in entries:
+            try:
+                reply = request(paths.control_socket_path(Path(e.source)), "status", io_timeout_s=5)
+            except DaemonNotRunningError:
+                continue
+            if reply.get("vault") == which:
+                return Path(e.source), which
+        raise NotMountedError(mountpoint=which)
+    if len(entries) != 1:
+        raise UsageError(detail=f"{len(entries)} vaults are mounted: name one (by vault name or mountpoint)")
+    return Path(entries[0].source), entries[0].mountpoint.name
+
+
+def wait_synced(mountpoints: list[str], seq: int, timeout_s: float) -> int:
+    entries = collect_entries(mountpoints)
+    if not entries:
+        raise NotMountedError(mountpoint="(none mounted)")
+    for entry in entries:
+        reply = request(paths.control_socket_path(Path(entry.source)), "wait_synced",
+                        io_timeout_s=timeout_s + 30, seq=seq or None, timeout_s=timeout_s)
+        if not reply.get("ok"):
+            raise DaemonError(reason=reply.get("error", "the daemon refused"))
+        if not reply["synced"]:
+            if reply.get("reason") == "forwarding is off":
+                raise DaemonError(reason=f"{entry.mountpoint}: forwarding is off, nothing is being shipped")
+            raise WaitTimeoutError(timeout_s=timeout_s, what=f"the targets of {entry.mountpoint} to ack seq {reply['seq']}")
+    return 0
+
+
+def collect_entries(mountpoints: list[str]):
     if mountpoints:
         entries = []
         for m in mountpoints:
@@ -32,6 +72,12 @@ def collect(mountpoints: list[str]) -> list[dict[str, Any]]:
             entries.append(entry)
     else:
         entries = octofs_mounts()
+    return entries
+
+
+def collect(mountpoints: list[str]) -> list[dict[str, Any]]:
+    """One status document per vault, from its daemon or, if that is gone, from its state dir."""
+    entries = collect_entries(mountpoints)
     out = []
     for entry in entries:
         state_dir = Path(entry.source)
@@ -54,6 +100,8 @@ def collect(mountpoints: list[str]) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.wait_synced is not None:
+        return wait_synced(args.mountpoints, args.wait_synced, args.timeout)
     vaults = collect(args.mountpoints)
     if args.json:
         print(json.dumps({"vaults": vaults}, indent=2))
@@ -64,8 +112,9 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    console = Console(width=160)
     table = Table(title="octofs vaults", title_justify="left")
-    for col in ("vault", "mountpoint", "state", "last seq", "durable seq", "journal", "problem"):
+    for col in ("vault", "mountpoint", "state", "forwarding", "last seq", "durable seq", "journal", "problem"):
         table.add_column(col, justify="right" if "seq" in col or col == "journal" else "left")
     for v in vaults:
         j = v.get("journal") or {}
@@ -74,10 +123,19 @@ def run(args: argparse.Namespace) -> int:
             problem = (problem + "; " if problem else "") + f"needs resync: {v['needs_resync']}"
         st = "FAILSAFE (read-only)" if v.get("failsafe") else ("ok" if v["daemon"] == "running" else "daemon not running")
         table.add_row(
-            str(v.get("vault") or "?"), v["mountpoint"], st,
+            str(v.get("vault") or "?"), v["mountpoint"], st, str(v.get("forwarding", "-")),
             str(j.get("last_seq", "-")), str(j.get("durable_seq", "-")),
             f"{j.get('bytes', 0):,} B in {j.get('segments', 0)} seg" if j else "-",
             problem,
         )
-    Console(width=160).print(table)
+    console.print(table)
+    targets = [(v, t) for v in vaults for t in v.get("targets") or []]
+    if targets:
+        tt = Table(title="targets", title_justify="left")
+        for col in ("vault", "target", "address", "mode", "state", "acked seq", "pending ops", "lag s", "sent", "last error"):
+            tt.add_column(col, justify="right" if col in ("acked seq", "pending ops", "lag s", "sent") else "left")
+        for v, t in targets:
+            tt.add_row(str(v.get("vault")), t["name"], t["address"], t["mode"], t["state"], str(t["acked_seq"]),
+                       str(t["pending_ops"]), f"{t['lag_s']:.1f}", f"{t['bytes_sent']:,} B", t.get("last_error") or "")
+        console.print(tt)
     return 0

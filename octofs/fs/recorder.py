@@ -15,8 +15,10 @@ Invariants:
 
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
+import time
 from collections.abc import Callable
 
 import trio
@@ -27,6 +29,8 @@ from octofs.journal import JournalWriter
 from octofs.ops import Op
 
 log = logging.getLogger(__name__)
+
+INDEX_INTERVAL_NS = 100_000_000
 
 
 class Recorder:
@@ -45,6 +49,11 @@ class Recorder:
         self._on_failure = on_failure
         self._sync_lock = trio.Lock()
         self._appended = trio.Event()  # set and replaced on each append; wakes tailers
+        # A coarse index of append times, one entry per INDEX_INTERVAL_NS at most:
+        # enough to tell the age of the oldest op a target has not acked (status lag)
+        # without reading the journal back.
+        self._index_seqs: list[int] = []
+        self._index_times: list[int] = []
 
     def check_writable(self) -> None:
         """Raise EROFS if the vault has gone failsafe."""
@@ -54,14 +63,32 @@ class Recorder:
 
     def record(self, op: Op) -> int:
         """Append ``op``; on failure go failsafe and raise FUSEError(EIO)."""
+        now = time.time_ns()
         try:
-            seq = self.writer.append(op)
+            seq = self.writer.append(op, now)
         except JournalError as exc:
             self._fail(str(exc))
             raise FUSEError(errno.EIO) from None
+        if not self._index_times or now - self._index_times[-1] >= INDEX_INTERVAL_NS:
+            self._index_seqs.append(seq)
+            self._index_times.append(now)
         self._appended.set()
         self._appended = trio.Event()
         return seq
+
+    def age_of(self, seq: int) -> float:
+        """Seconds since op ``seq`` was appended (an upper bound, within INDEX_INTERVAL_NS)."""
+        i = bisect.bisect_right(self._index_seqs, seq) - 1
+        if i < 0:
+            return 0.0
+        return max(0.0, (time.time_ns() - self._index_times[i]) / 1e9)
+
+    def forget_before(self, seq: int) -> None:
+        """Drop index entries no target needs any more (all acked beyond ``seq``)."""
+        i = bisect.bisect_right(self._index_seqs, seq) - 1
+        if i > 0:
+            del self._index_seqs[:i]
+            del self._index_times[:i]
 
     async def wait_appended(self) -> None:
         """Wait until the next op is appended (for journal tailers such as the shipper)."""
