@@ -21,6 +21,7 @@ import signal
 import time
 from pathlib import Path
 
+import pyfuse3
 import trio
 
 from octofs import paths, state
@@ -154,10 +155,11 @@ class PrimaryDaemon:
         assert self.recorder is not None
         while True:
             await trio.sleep(FLUSH_INTERVAL_S)
-            if not self.recorder.failsafe:
+            # Also after failsafe: the records already appended are valid and must be made durable.
+            if not self.recorder.writer.failed:
                 try:
                     await self.recorder.sync_all()
-                except Exception:  # noqa: BLE001 - FUSEError after failsafe; already logged
+                except pyfuse3.FUSEError:  # the recorder went failsafe and logged why
                     log.debug("periodic journal flush failed", exc_info=True)
 
     async def _watch_signals(self) -> None:

@@ -115,12 +115,14 @@ def run(args: argparse.Namespace) -> int:
     console = Console(width=160)
     table = Table(title="octofs vaults", title_justify="left")
     for col in ("vault", "mountpoint", "state", "forwarding", "last seq", "durable seq", "journal", "problem"):
-        table.add_column(col, justify="right" if "seq" in col or col == "journal" else "left")
+        table.add_column(col, justify="right" if "seq" in col or col == "journal" else "left", overflow="fold")
     for v in vaults:
         j = v.get("journal") or {}
         problem = v.get("error") or v.get("failure") or ""
         if v.get("needs_resync"):
-            problem = (problem + "; " if problem else "") + f"needs resync: {v['needs_resync']}"
+            why = v["needs_resync"]
+            problem = (problem + "; " if problem else "") + ("needs resync" if problem and problem in why
+                                                             else f"needs resync: {why}")
         st = "FAILSAFE (read-only)" if v.get("failsafe") else ("ok" if v["daemon"] == "running" else "daemon not running")
         table.add_row(
             str(v.get("vault") or "?"), v["mountpoint"], st, str(v.get("forwarding", "-")),
@@ -133,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
     if targets:
         tt = Table(title="targets", title_justify="left")
         for col in ("vault", "target", "address", "mode", "state", "acked seq", "pending ops", "lag s", "sent", "last error"):
-            tt.add_column(col, justify="right" if col in ("acked seq", "pending ops", "lag s", "sent") else "left")
+            tt.add_column(col, justify="right" if col in ("acked seq", "pending ops", "lag s", "sent") else "left",
+                          overflow="fold")
         for v, t in targets:
             tt.add_row(str(v.get("vault")), t["name"], t["address"], t["mode"], t["state"], str(t["acked_seq"]),
                        str(t["pending_ops"]), f"{t['lag_s']:.1f}", f"{t['bytes_sent']:,} B", t.get("last_error") or "")
