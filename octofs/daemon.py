@@ -119,7 +119,7 @@ class PrimaryDaemon:
         # from the daemon's own umask.
         os.umask(0)
         self.recorder = Recorder(writer, on_failure=self._on_journal_failure)
-        self.ops = PassthroughOperations(os.fsencode(cfg.backing), self.recorder)
+        self.ops = PassthroughOperations(os.fsencode(cfg.backing), self.recorder, exclude=cfg.exclude)
         secret = self._secret() if cfg.targets else b""
         vault_id = state.vault_id(self.state_dir)
         for t in cfg.targets:

@@ -12,6 +12,10 @@ Invariants:
   no longer affect the tree. "No names" means no name *in the backing dir*: when an
   open file loses the last name we knew but still has hard links we never saw,
   operations.py finds one and ``adopt``s it, so its changes keep being journaled.
+- ``names_complete`` is True only while ``names`` holds *every* name the backing
+  file has (a directory, a file we created, a file whose st_nlink equals the names
+  seen). Changes through the mount keep it true; operations.py relies on it to pick
+  a journaled (not excluded) name for a hard-linked file without walking the tree.
 - Nodes are dropped when the kernel's lookup count reaches zero (``forget``); the
   kernel keeps parent directories referenced while children are, so a path can
   always be rebuilt for a node the kernel still knows.
@@ -21,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -43,6 +49,9 @@ class Node:
             open files, open directory handles and ``held_fd``.
         held_fd: for a removed directory the kernel still refers to (someone's
             cwd), a backing fd that operations.py keeps until ``forget``.
+        is_dir: the backing file is a directory (fixed for a node's life: a key
+            names one inode, and an inode never changes type).
+        names_complete: ``names`` is known to hold every name of the backing file.
     """
 
     ino: int
@@ -51,6 +60,8 @@ class Node:
     lookups: int = 0
     fds: set[int] = field(default_factory=set)
     held_fd: int | None = None
+    is_dir: bool = False
+    names_complete: bool = False
 
 
 class InodeTable:
@@ -62,7 +73,7 @@ class InodeTable:
 
     def __init__(self, root_key: tuple[int, int]) -> None:
         self._next_ino = ROOT + 1
-        root = Node(ROOT, root_key, lookups=1)
+        root = Node(ROOT, root_key, lookups=1, is_dir=True, names_complete=True)
         self._nodes: dict[int, Node] = {ROOT: root}
         self._by_key: dict[tuple[int, int], int] = {root_key: ROOT}
         self._entries: dict[tuple[int, bytes], int] = {}
@@ -75,6 +86,11 @@ class InodeTable:
 
     def get(self, ino: int) -> Node | None:
         return self._nodes.get(ino)
+
+    def by_key(self, key: tuple[int, int]) -> Node | None:
+        """The linked node of the backing file ``(st_dev, st_ino)``, or None if we do not know it."""
+        ino = self._by_key.get(key)
+        return None if ino is None else self._nodes.get(ino)
 
     def entry(self, parent: int, name: bytes) -> Node | None:
         """The node a known entry points at, or None if the entry is unknown."""
@@ -95,6 +111,33 @@ class InodeTable:
             parts.append(name)
         parts.reverse()
         return b"/".join(parts)
+
+    def paths(self, ino: int) -> list[bytes]:
+        """Every known vault-relative path of ``ino`` (one per hard link we know), sorted."""
+        node = self._nodes.get(ino)
+        if node is None:
+            return []
+        if ino == ROOT:
+            return [b""]
+        out = []
+        for parent, name in node.names:
+            base = self.path(parent)  # directories have one name: only the leaf varies
+            if base is not None:
+                out.append(base + b"/" + name if base else name)
+        out.sort()
+        return out
+
+    def path_preferring(self, ino: int, prefer: Callable[[bytes], bool]) -> bytes | None:
+        """Like ``path``, but for a hard-linked file the first of its names (sorted) that
+        ``prefer`` accepts, if any; ``path`` stays the fast, one-name common case."""
+        node = self._nodes.get(ino)
+        if node is None or len(node.names) < 2:
+            return self.path(ino)
+        candidates = self.paths(ino)
+        for p in candidates:
+            if prefer(p):
+                return p
+        return candidates[0] if candidates else None
 
     def child_path(self, parent: int, name: bytes) -> bytes | None:
         base = self.path(parent)
@@ -122,13 +165,16 @@ class InodeTable:
         if ino is None:
             ino = self._next_ino
             self._next_ino += 1
-            node = Node(ino, key)
+            is_dir = stat.S_ISDIR(st.st_mode)
+            node = Node(ino, key, is_dir=is_dir, names_complete=is_dir or st.st_nlink <= 1)
             self._nodes[ino] = node
             self._by_key[key] = ino
         else:
             node = self._nodes[ino]
         node.names.add((parent, name))
         self._entries[(parent, name)] = ino
+        if not node.names_complete and len(node.names) >= st.st_nlink:
+            node.names_complete = True
         return node
 
     def incref(self, node: Node, count: int = 1) -> None:
@@ -180,6 +226,7 @@ class InodeTable:
             self._unlink_entry(parent, name)
         node.key = key
         self._by_key[key] = node.ino
+        node.names_complete = False  # it had names we never saw
         node.names.add((parent, name))
         self._entries[(parent, name)] = node.ino
 

@@ -16,6 +16,13 @@ Invariants:
   affect the tree any more. A file that lost the last name the kernel had looked
   up but still has other hard links is not unlinked: ``_keep_journaled`` finds one
   of its remaining names, so its changes go on being journaled.
+- Exclusion (vault.yaml ``exclude``, octofs/exclude.py) happens here, at capture:
+  the journal holds exactly what targets get, so replaying it yields the backing
+  dir minus the excluded paths. A change is journaled under an included name of
+  the node (``_jpath``) or not at all; the syscall itself always happens. When a
+  rename or link moves something across the boundary, the ops that make the
+  target match (a full copy, or a bottom-up removal) are recorded in the same
+  stretch without an ``await`` as the syscall (docs/CONCURRENCY.md §2).
 """
 
 from __future__ import annotations
@@ -26,13 +33,14 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
+from octofs.exclude import ExcludeFilter
 from octofs.fs.inodes import ROOT, InodeTable, Node
 from octofs.fs.recorder import Recorder
 from octofs.ops import (
@@ -70,6 +78,11 @@ _STRIP_FLAGS = os.O_APPEND | os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY
 _SYNC_FLAGS = os.O_SYNC | os.O_DSYNC  # O_SYNC includes the O_DSYNC bit on Linux
 _ACCMODE = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
 
+# Largest WriteOp recorded when a file is copied into the journal (it crossed the
+# exclusion boundary): keeps each op, and so each journal record and frame, bounded.
+_COPY_CHUNK = 1 << 20
+_ZERO_CHUNK = bytes(_COPY_CHUNK)
+
 
 def _passthrough(fn: Callable[..., T], *args, **kwargs) -> T:
     """Call a backing-dir syscall; map OSError to the same errno for the application."""
@@ -77,6 +90,15 @@ def _passthrough(fn: Callable[..., T], *args, **kwargs) -> T:
         return fn(*args, **kwargs)
     except OSError as exc:
         raise FUSEError(exc.errno) from None
+
+
+def _join(base: bytes, name: bytes) -> bytes:
+    return base + b"/" + name if base else name
+
+
+def _under(path: bytes, roots: tuple[bytes, ...]) -> bool:
+    """Is ``path`` one of ``roots`` or below one of them?"""
+    return any(path == r or path.startswith(r + b"/") for r in roots)
 
 
 def _renameat2(old: bytes, new: bytes, flags: int) -> None:
@@ -105,6 +127,8 @@ class PassthroughOperations(pyfuse3.Operations):
         entry_timeout_s / attr_timeout_s: how long the kernel may cache names and
             attributes. octofs owns the backing dir (nobody else may change it), so
             caching is safe; the values trade memory for fewer requests.
+        exclude: vault.yaml ``exclude`` patterns (octofs/exclude.py): matching paths
+            work normally here but no op about them is journaled.
 
     Attributes:
         failsafe: mirrors ``recorder.failsafe``: True once a change could not be
@@ -131,6 +155,7 @@ class PassthroughOperations(pyfuse3.Operations):
         *,
         entry_timeout_s: float = 1.0,
         attr_timeout_s: float = 1.0,
+        exclude: Sequence[str | bytes] = (),
     ) -> None:
         super().__init__()
         self._root = os.path.abspath(backing_dir)
@@ -143,6 +168,10 @@ class PassthroughOperations(pyfuse3.Operations):
         self._fh_sync: dict[int, bool] = {}  # open file: backing fd → O_SYNC/O_DSYNC?
         self._dirs: dict[int, _DirHandle] = {}  # open directory: backing fd → handle
         self._is_root_user = os.geteuid() == 0
+        self.exclude = ExcludeFilter(exclude)
+        self._excluding = bool(self.exclude)  # checked first, so no patterns costs ~nothing
+        self._tmp_tag = os.urandom(4).hex().encode()
+        self._tmp_serial = 0
 
     @property
     def failsafe(self) -> bool:
@@ -242,7 +271,7 @@ class PassthroughOperations(pyfuse3.Operations):
             st = os.fstat(next(iter(node.fds)))
             if st.st_nlink == 0:
                 return  # really unlinked
-            rel = self._find_name_of(st)
+            rel = next(self._names_of(st), None)
             if rel is None:
                 return
             parent, _, name = rel.rpartition(b"/")
@@ -251,8 +280,8 @@ class PassthroughOperations(pyfuse3.Operations):
             log.warning("cannot find the remaining hard link of an open file; its changes "
                         "will not be journaled: %s", exc)
 
-    def _find_name_of(self, st: os.stat_result) -> bytes | None:
-        """A vault-relative name of the backing file ``st``, or None."""
+    def _names_of(self, st: os.stat_result) -> Iterator[bytes]:
+        """Yield the vault-relative names of the backing file ``st`` (a walk of the whole backing dir)."""
         pending = [b""]
         while pending:
             rel_dir = pending.pop()
@@ -265,8 +294,7 @@ class PassthroughOperations(pyfuse3.Operations):
                 elif entry.inode() == st.st_ino:
                     est = os.lstat(entry.path)
                     if (est.st_dev, est.st_ino) == (st.st_dev, st.st_ino):
-                        return rel
-        return None
+                        yield rel
 
     def _dir_ino(self, rel_dir: bytes) -> int:
         """Our inode number for a backing directory, remembering (not increfing) the ones the kernel never saw.
@@ -285,6 +313,295 @@ class PassthroughOperations(pyfuse3.Operations):
                 node = self.inodes.remember(ino, part, os.lstat(self._abs(done)))
             ino = node.ino
         return ino
+
+    # -- exclusion (vault.yaml ``exclude``) -------------------------------------
+    #
+    # Everything here runs inside a handler, after its syscall and with no ``await``:
+    # the ops describe the backing dir exactly as the syscall left it
+    # (docs/CONCURRENCY.md §2). The walks and file reads below therefore block the
+    # event loop; that is accepted because they only happen when something crosses
+    # the exclusion boundary (a save-by-rename, moving a directory in or out), and a
+    # thread hop would let other requests change the backing dir before the ops
+    # describing it are journaled.
+
+    def _jpath(self, node: Node, rel: bytes | None) -> bytes | None:
+        """The path to journal a change of ``node`` under, or None to journal nothing.
+
+        ``rel`` is ``inodes.path(node.ino)``. None when the node is unlinked or when
+        every name it has is excluded; for a hard-linked file, an included name.
+        """
+        if rel is None or not self._excluding:
+            return rel
+        excluded = self.exclude.excluded
+        if node.is_dir:
+            return None if excluded(rel, True) else rel
+        if len(node.names) > 1:
+            rel = self.inodes.path_preferring(node.ino, self._included_file)
+        if rel is not None and not excluded(rel):
+            return rel
+        if node.names_complete:
+            return None
+        self._learn_names(node)
+        rel = self.inodes.path_preferring(node.ino, self._included_file)
+        return rel if rel is not None and not excluded(rel) else None
+
+    def _included_file(self, rel: bytes) -> bool:
+        return not self.exclude.excluded(rel)
+
+    def _excluded(self, rel: bytes, is_dir: bool) -> bool:
+        return self._excluding and self.exclude.excluded(rel, is_dir)
+
+    def _learn_names(self, node: Node) -> None:
+        """Learn every name of a hard-linked file whose known names are all excluded.
+
+        A file opened as ``a.tmp`` may also be ``b`` (included) without the kernel
+        ever having looked ``b`` up; its changes must reach the target under ``b``.
+        Walks the backing dir, once per node (``names_complete``), and only for an
+        excluded file with more links than names we know: rare.
+        """
+        node.names_complete = True
+        try:
+            if node.fds:
+                st = os.fstat(next(iter(node.fds)))
+            else:
+                rel = self.inodes.path(node.ino)
+                if rel is None:
+                    return
+                st = os.lstat(self._abs(rel))
+            if st.st_nlink <= len(node.names):
+                return
+            for rel in list(self._names_of(st)):
+                parent, _, name = rel.rpartition(b"/")
+                self.inodes.remember(self._dir_ino(parent), name, st)
+        except OSError as exc:
+            log.warning("cannot find the other hard links of an excluded file; changes made "
+                        "through its excluded name will not be journaled: %s", exc)
+
+    def _capture(self, what: str, fn: Callable[..., None], *args) -> None:
+        """Run ``fn`` (which records ops read from the backing dir); if the backing dir
+        cannot be read, the journal cannot describe the change: go failsafe (EIO)."""
+        try:
+            fn(*args)
+        except OSError as exc:
+            # Same treatment as a journal failure (STYLE §7): the backing dir is now
+            # ahead of the journal by this change, so the vault needs a resync.
+            self.recorder._fail(f"cannot capture {what}: {exc}")  # noqa: SLF001
+            raise FUSEError(errno.EIO) from None
+
+    def _record_rename(self, old: bytes, new: bytes, flags: int, a_node: Node | None,
+                       b_node: Node | None) -> None:
+        """Journal a rename that already happened, as the target must see it given ``exclude``.
+
+        ``A`` is the object renamed (now at ``new``); with RENAME_EXCHANGE, ``B`` is the
+        one that was at ``new`` (now at ``old``). For each: is it on the target now
+        (``has``), must it be there afterwards (``want``)? Then: remove what leaves,
+        rename what stays, copy in what arrives, and fix up moved directories whose
+        entries change side because of where they now are.
+        """
+        exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
+        excluded = self.exclude.excluded
+        a_dir = a_node.is_dir if a_node is not None else self._is_dir_at(new)
+        has_a, want_a = not excluded(old, a_dir), not excluded(new, a_dir)
+        if exchange:
+            b_dir = b_node.is_dir if b_node is not None else self._is_dir_at(old)
+            has_b, want_b = not excluded(new, b_dir), not excluded(old, b_dir)
+        else:
+            # An object replaced at ``new`` has A's kind (a file or an empty directory),
+            # so the target holds it exactly when ``want_a``; renaming A (or its copy)
+            # onto ``new`` replaces it there too, in one op, as here.
+            has_b = want_b = b_dir = False
+            if has_a != want_a and os.path.lexists(self._abs(old)):
+                return  # old and new were links to one file: rename(2) changed nothing
+        if has_a and want_a and has_b and want_b:
+            self._record(RenameOp(old, new, flags))
+        elif has_a or want_a or has_b or want_b:
+            avoid = (old, new)
+            if has_a and not want_a:
+                self._emit_removal(new, old, old)
+            if has_b and not want_b:
+                self._emit_removal(old, new, new)
+            if has_a and want_a:
+                self._record(RenameOp(old, new, 0 if exchange else flags))
+            elif has_b and want_b:
+                self._record(RenameOp(new, old, 0))
+            if want_a and not has_a:
+                self._emit_copy(new, avoid)
+            if want_b and not has_b:
+                self._emit_copy(old, avoid)
+        if has_a and want_a and a_dir:
+            self._emit_relocated(new, old)
+        if has_b and want_b and b_dir:
+            self._emit_relocated(old, new)
+
+    def _is_dir_at(self, rel: bytes) -> bool:
+        return stat.S_ISDIR(os.lstat(self._abs(rel)).st_mode)
+
+    def _temp_name(self, parent: bytes) -> bytes:
+        """A name in ``parent`` that the backing dir (hence the target) does not have."""
+        while True:
+            self._tmp_serial += 1
+            rel = _join(parent, b".octofs~%s~%d" % (self._tmp_tag, self._tmp_serial))
+            if not os.path.lexists(self._abs(rel)):
+                return rel
+
+    def _emit_copy(self, rel: bytes, avoid: tuple[bytes, ...]) -> None:
+        """Make the target hold ``rel`` (with its included subtree) as the backing dir has it now.
+
+        Built under a temporary name, then renamed onto ``rel`` in one op: the target
+        never shows ``rel`` half made, and what it held at ``rel`` is replaced
+        atomically, as rename(2) replaced it here (the save-by-rename pattern).
+        """
+        tmp = self._temp_name(rel.rpartition(b"/")[0])
+        self._emit_tree(rel, tmp, avoid)
+        self._record(RenameOp(tmp, rel))
+
+    def _emit_tree(self, rel: bytes, at: bytes, avoid: tuple[bytes, ...]) -> None:
+        """Record ops that create, at ``at``, the backing dir's ``rel`` and the included entries below it.
+
+        Exclusion is judged by the paths under ``rel`` (where they will end up). Hard
+        links within the copy stay links; a file that also has an included name the
+        kernel knows, outside ``avoid`` (the subtrees the current change moves), is
+        linked to it instead of copied.
+        """
+        excluded = self.exclude.excluded
+        copied: dict[tuple[int, int], bytes] = {}
+        pending = [(rel, at)]
+        while pending:
+            src, dst = pending.pop()
+            path = self._abs(src)
+            st = os.lstat(path)
+            mode = st.st_mode
+            if stat.S_ISDIR(mode):
+                self._record(MkdirOp(dst, stat.S_IMODE(mode), st.st_uid, st.st_gid, st.st_mtime_ns))
+                if self._emit_xattrs(path, dst):
+                    self._record(SetattrOp(dst, mode=stat.S_IMODE(mode)))  # an ACL may have changed it
+                with os.scandir(path) as it:
+                    entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
+                for name, is_dir in reversed(entries):  # popped in sorted order
+                    child = _join(src, name)
+                    if not excluded(child, is_dir):
+                        pending.append((child, _join(dst, name)))
+                continue
+            key = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1:
+                link_src = copied.get(key) or self._included_link(key, avoid)
+                if link_src is not None:
+                    self._record(LinkOp(link_src, dst))
+                    continue
+                copied[key] = dst
+            if stat.S_ISREG(mode):
+                self._emit_file(path, dst)
+            elif stat.S_ISLNK(mode):
+                self._record(SymlinkOp(dst, os.readlink(path), st.st_uid, st.st_gid, st.st_mtime_ns))
+                self._emit_xattrs(path, dst)
+            else:
+                self._record(MknodOp(dst, mode, st.st_rdev, st.st_uid, st.st_gid, st.st_mtime_ns))
+                if self._emit_xattrs(path, dst):
+                    self._record(SetattrOp(dst, mode=stat.S_IMODE(mode)))
+
+    def _emit_file(self, path: bytes, dst: bytes) -> None:
+        """CreateOp, the content as WriteOps of at most 1 MiB (all-zero chunks left as holes), xattrs, mode and mtime."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME)
+        except PermissionError:  # O_NOATIME needs ownership or CAP_FOWNER
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            mtime, size = st.st_mtime_ns, st.st_size
+            self._record(CreateOp(dst, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, mtime))
+            if size:
+                self._record(TruncateOp(dst, size, mtime))
+            offset = 0
+            while offset < size:
+                chunk = os.pread(fd, min(_COPY_CHUNK, size - offset), offset)
+                if not chunk:
+                    break
+                if chunk != _ZERO_CHUNK[:len(chunk)]:
+                    self._record(WriteOp(dst, offset, chunk, mtime))
+                offset += len(chunk)
+        finally:
+            os.close(fd)
+        self._emit_xattrs(path, dst)
+        # Last, so that it wins over anything the writes or an ACL did to the mode
+        # (a non-root replayer's writes clear set-ID bits) and to the mtime.
+        self._record(SetattrOp(dst, mode=stat.S_IMODE(st.st_mode), mtime_ns=mtime))
+
+    def _emit_xattrs(self, path: bytes, dst: bytes) -> bool:
+        """Record a SetxattrOp for each extended attribute of ``path``; True if there were any."""
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                return False
+            raise
+        for name in sorted(names):
+            self._record(SetxattrOp(dst, os.fsencode(name), os.getxattr(path, name, follow_symlinks=False)))
+        return bool(names)
+
+    def _included_link(self, key: tuple[int, int], avoid: tuple[bytes, ...]) -> bytes | None:
+        """An included name the target already has for the backing file ``key``, if we know one."""
+        node = self.inodes.by_key(key)
+        if node is None:
+            return None
+        for rel in self.inodes.paths(node.ino):
+            if not _under(rel, avoid) and not self.exclude.excluded(rel):
+                return rel
+        return None
+
+    def _emit_removal(self, now: bytes, at: bytes, was: bytes) -> None:
+        """Record ops that take ``at`` off the target, bottom-up.
+
+        The object is in the backing dir at ``now``; the target holds it at ``at``
+        with those entries that are not excluded under its old path ``was``.
+        """
+        excluded = self.exclude.excluded
+        if not self._is_dir_at(now):
+            self._record(UnlinkOp(at))
+            return
+        pending: list[tuple[bytes, bytes, bytes, bool]] = [(now, at, was, False)]
+        while pending:
+            n, a, w, children_done = pending.pop()
+            if children_done:
+                self._record(RmdirOp(a))
+                continue
+            pending.append((n, a, w, True))
+            with os.scandir(self._abs(n)) as it:
+                entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
+            for name, is_dir in entries:
+                if excluded(_join(w, name), is_dir):
+                    continue  # never reached the target
+                if is_dir:
+                    pending.append((_join(n, name), _join(a, name), _join(w, name), False))
+                else:
+                    self._record(UnlinkOp(_join(a, name)))
+
+    def _emit_relocated(self, now: bytes, was: bytes) -> None:
+        """A directory moved from ``was`` to ``now`` (both included) and the target moved it too:
+        copy in the entries that are included only at the new place, remove those excluded only there.
+
+        Only anchored patterns (``/a/*.log``, ``pg_stat_tmp/**``) can make that happen,
+        so the walk is skipped unless one of them lies on the path of either place.
+        """
+        if not (self.exclude.location_dependent(was) or self.exclude.location_dependent(now)):
+            return
+        excluded = self.exclude.excluded
+        avoid = (now, was)
+        pending = [b""]
+        while pending:
+            sub = pending.pop()
+            base_now, base_was = _join(now, sub) if sub else now, _join(was, sub) if sub else was
+            with os.scandir(self._abs(base_now)) as it:
+                entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
+            for name, is_dir in entries:
+                n, w = _join(base_now, name), _join(base_was, name)
+                held, wanted = not excluded(w, is_dir), not excluded(n, is_dir)
+                if held and wanted:
+                    if is_dir:
+                        pending.append(_join(sub, name))
+                elif held:
+                    self._emit_removal(n, n, w)
+                elif wanted:
+                    self._emit_copy(n, avoid)
 
     # -- lookup and attributes ---------------------------------------------
 
@@ -345,9 +662,9 @@ class PassthroughOperations(pyfuse3.Operations):
         except OSError as exc:
             # Part of the change may have happened (e.g. truncate then EPERM on chown):
             # journal what the backing dir now shows before reporting the error.
-            self._record_setattr(rel, fields, node)
+            self._record_setattr(self._jpath(node, rel), fields, node)
             raise FUSEError(exc.errno) from None
-        st = self._record_setattr(rel, fields, node)
+        st = self._record_setattr(self._jpath(node, rel), fields, node)
         return self._attrs(node, st)
 
     def _record_setattr(self, rel: bytes | None, fields, node: Node) -> os.stat_result:
@@ -414,7 +731,8 @@ class PassthroughOperations(pyfuse3.Operations):
         perm = stat.S_IMODE(mode) & ~ctx.umask
         _passthrough(os.mknod, path, stat.S_IFMT(mode) | perm, rdev)
         st = _passthrough(self._chown_new, path, self._owner_for_new(parent_rel, ctx), perm)
-        self._record(MknodOp(rel, st.st_mode, st.st_rdev, st.st_uid, st.st_gid, st.st_mtime_ns))
+        if not self._excluded(rel, False):
+            self._record(MknodOp(rel, st.st_mode, st.st_rdev, st.st_uid, st.st_gid, st.st_mtime_ns))
         return self._new_entry(parent_inode, name, st)
 
     async def mkdir(self, parent_inode, name, mode, ctx):
@@ -425,7 +743,8 @@ class PassthroughOperations(pyfuse3.Operations):
         perm = stat.S_IMODE(mode) & ~ctx.umask
         _passthrough(os.mkdir, path, perm)
         st = _passthrough(self._chown_new, path, self._owner_for_new(parent_rel, ctx), perm)
-        self._record(MkdirOp(rel, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns))
+        if not self._excluded(rel, True):
+            self._record(MkdirOp(rel, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns))
         return self._new_entry(parent_inode, name, st)
 
     async def symlink(self, parent_inode, name, target, ctx):
@@ -435,15 +754,25 @@ class PassthroughOperations(pyfuse3.Operations):
         path = self._abs(rel)
         _passthrough(os.symlink, target, path)
         st = _passthrough(self._chown_new, path, self._owner_for_new(parent_rel, ctx), None)
-        self._record(SymlinkOp(rel, target, st.st_uid, st.st_gid, st.st_mtime_ns))
+        if not self._excluded(rel, False):
+            self._record(SymlinkOp(rel, target, st.st_uid, st.st_gid, st.st_mtime_ns))
         return self._new_entry(parent_inode, name, st)
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
         self.recorder.check_writable()
         src = self._path(inode)
         rel = self._child(new_parent_inode, new_name)
+        # An included name of the source, looked for before the link exists (the
+        # search may walk the backing dir and must not find the new name).
+        jsrc = self._jpath(self.inodes[inode], src)
         _passthrough(os.link, self._abs(src), self._abs(rel), follow_symlinks=False)
-        self._record(LinkOp(src, rel))
+        if not self._excluded(rel, False):
+            if jsrc is not None:
+                self._record(LinkOp(jsrc, rel))
+            else:
+                # Every name of the source is excluded: the target has nothing to link
+                # to, so the new name arrives as a copy.
+                self._capture(f"link {rel!r}", self._emit_copy, rel, (rel,))
         st = _passthrough(os.lstat, self._abs(rel))
         return self._new_entry(new_parent_inode, new_name, st)
 
@@ -451,7 +780,8 @@ class PassthroughOperations(pyfuse3.Operations):
         self.recorder.check_writable()
         rel = self._child(parent_inode, name)
         _passthrough(os.unlink, self._abs(rel))
-        self._record(UnlinkOp(rel))
+        if not self._excluded(rel, False):
+            self._record(UnlinkOp(rel))
         node = self.inodes.entry(parent_inode, name)
         self.inodes.unlinked(parent_inode, name)
         self._keep_journaled(node)
@@ -476,7 +806,8 @@ class PassthroughOperations(pyfuse3.Operations):
             if held is not None:
                 os.close(held)
             raise
-        self._record(RmdirOp(rel))
+        if not self._excluded(rel, True):
+            self._record(RmdirOp(rel))
         self.inodes.unlinked(parent_inode, name)
         if held is not None:
             node.held_fd = held
@@ -486,17 +817,24 @@ class PassthroughOperations(pyfuse3.Operations):
         self.recorder.check_writable()
         old = self._child(parent_inode_old, name_old)
         new = self._child(parent_inode_new, name_new)
+        a_node = self.inodes.entry(parent_inode_old, name_old)
+        b_node = self.inodes.entry(parent_inode_new, name_new)
         if flags:
             _passthrough(_renameat2, self._abs(old), self._abs(new), flags)
         else:
             _passthrough(os.rename, self._abs(old), self._abs(new))
-        self._record(RenameOp(old, new, flags))
-        if flags & pyfuse3.RENAME_EXCHANGE:
-            self.inodes.exchanged(parent_inode_old, name_old, parent_inode_new, name_new)
-        else:
-            replaced = self.inodes.entry(parent_inode_new, name_new)
-            self.inodes.renamed(parent_inode_old, name_old, parent_inode_new, name_new)
-            self._keep_journaled(replaced)
+        try:
+            if self._excluding:
+                self._capture(f"rename {old!r} -> {new!r}", self._record_rename, old, new, flags, a_node, b_node)
+            else:
+                self._record(RenameOp(old, new, flags))
+        finally:
+            # The table follows the backing dir even if journaling failed (failsafe).
+            if flags & pyfuse3.RENAME_EXCHANGE:
+                self.inodes.exchanged(parent_inode_old, name_old, parent_inode_new, name_new)
+            else:
+                self.inodes.renamed(parent_inode_old, name_old, parent_inode_new, name_new)
+                self._keep_journaled(b_node)
 
     # -- files ----------------------------------------------------------------
 
@@ -518,9 +856,10 @@ class PassthroughOperations(pyfuse3.Operations):
             self.recorder.check_writable()
         rel = self._path(inode)
         fd = _passthrough(os.open, self._abs(rel), (flags & ~_STRIP_FLAGS) | os.O_CLOEXEC)
-        if trunc:
+        jrel = self._jpath(node, rel) if trunc else None
+        if jrel is not None:
             st = os.fstat(fd)
-            self._record(TruncateOp(rel, 0, st.st_mtime_ns))
+            self._record(TruncateOp(jrel, 0, st.st_mtime_ns))
         self._register_fd(node, fd, flags)
         return pyfuse3.FileInfo(fh=fd)
 
@@ -539,7 +878,8 @@ class PassthroughOperations(pyfuse3.Operations):
             os.close(fd)
             os.unlink(path)
             raise FUSEError(exc.errno) from None
-        self._record(CreateOp(rel, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns))
+        if not self._excluded(rel, False):
+            self._record(CreateOp(rel, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns))
         attrs = self._new_entry(parent_inode, name, st)
         self._register_fd(self.inodes[attrs.st_ino], fd, flags)
         return pyfuse3.FileInfo(fh=fd), attrs
@@ -552,6 +892,8 @@ class PassthroughOperations(pyfuse3.Operations):
         node = self._fh_node[fh]
         n = _passthrough(os.pwrite, fh, buf, off)
         rel = self.inodes.path(node.ino)
+        if self._excluding:
+            rel = self._jpath(node, rel)
         if rel is not None:
             mtime = os.fstat(fh).st_mtime_ns
             seq = self._record(WriteOp(rel, off, bytes(buf[:n]) if n != len(buf) else bytes(buf), mtime))
@@ -573,7 +915,7 @@ class PassthroughOperations(pyfuse3.Operations):
 
     async def fsync(self, fh, datasync):
         node = self._fh_node[fh]
-        rel = self.inodes.path(node.ino)
+        rel = self._jpath(node, self.inodes.path(node.ino))
         sync_backing = os.fdatasync if datasync else os.fsync
         if rel is None or self.recorder.failsafe:
             await trio.to_thread.run_sync(_passthrough, sync_backing, fh)
@@ -642,8 +984,8 @@ class PassthroughOperations(pyfuse3.Operations):
 
     async def fsyncdir(self, fh, datasync):
         handle = self._dirs[fh]
-        rel = self.inodes.path(handle.node.ino)
-        if rel is None or self.recorder.failsafe:  # removed: nothing left to journal
+        rel = self._jpath(handle.node, self.inodes.path(handle.node.ino))
+        if rel is None or self.recorder.failsafe:  # removed or excluded: nothing to journal
             await trio.to_thread.run_sync(_passthrough, os.fsync, fh)
             return
         seq = self._record(FsyncOp(rel, datasync=bool(datasync)))
@@ -673,7 +1015,7 @@ class PassthroughOperations(pyfuse3.Operations):
         self.recorder.check_writable()
         target, kw, rel = self._xattr_target(inode)
         _passthrough(os.setxattr, target, name, value, **kw)
-        if rel is not None:
+        if rel is not None and (rel := self._jpath(self.inodes[inode], rel)) is not None:
             self._record(SetxattrOp(rel, name, value))
 
     async def getxattr(self, inode, name, ctx):
@@ -688,7 +1030,7 @@ class PassthroughOperations(pyfuse3.Operations):
         self.recorder.check_writable()
         target, kw, rel = self._xattr_target(inode)
         _passthrough(os.removexattr, target, name, **kw)
-        if rel is not None:
+        if rel is not None and (rel := self._jpath(self.inodes[inode], rel)) is not None:
             self._record(RemovexattrOp(rel, name))
 
 
