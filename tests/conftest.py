@@ -22,7 +22,7 @@ def _sweep_mounts(tmp_path_factory):
     # Sweep the parent: earlier runs' numbered temp dirs live beside this one.
     sweep_stale_mounts(base.parent)
     yield
-    left = sweep_stale_mounts(base)
+    left = sweep_stale_mounts(base, live_too=True)
     if left:
         raise AssertionError(f"tests left mounts behind (swept now): {left}")
 

@@ -79,14 +79,20 @@ def unmount(proc: subprocess.Popen | None, mnt: Path, timeout: float = 30.0) -> 
         return proc.wait(timeout=10)
 
 
-def sweep_stale_mounts(root: Path) -> list[Path]:
-    """Lazily unmount every octofs mount below ``root`` (left by a crashed test run)."""
-    from octofs.mounttab import octofs_mounts
+def sweep_stale_mounts(root: Path, *, live_too: bool = False) -> list[Path]:
+    """Lazily unmount the octofs mounts below ``root`` whose daemon is dead (left by a crashed run).
+
+    A live mount may belong to another test session running at the same time, so
+    it is only swept with ``live_too`` (for this session's own temp dir at the end).
+    """
+    from octofs.mounttab import is_stale, octofs_mounts
 
     swept = []
     root = Path(os.path.abspath(root))
     for entry in octofs_mounts():
         if root == entry.mountpoint or root in entry.mountpoint.parents:
+            if not live_too and not is_stale(entry.mountpoint):
+                continue
             subprocess.run(["fusermount3", "-u", "-z", str(entry.mountpoint)], capture_output=True, check=False)
             swept.append(entry.mountpoint)
     return swept
