@@ -37,7 +37,7 @@ from octofs.ops import Op, Record
 from octofs.paths import segment_path
 from octofs.segment import (
     HEADER_SIZE,
-    JOURNAL_FORMAT_VERSION,  # re-exported: the API names it here (docs/FORMAT.md §1)
+    JOURNAL_FORMAT_VERSION,  # noqa: F401 - re-exported: the API names it here (docs/FORMAT.md §1)
     VAULT_ID_BYTES,
     ScanState,
     SegmentHeader,

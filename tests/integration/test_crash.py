@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemons import REPO, mounted, run_octofs, write_vault_yaml
+from tests.support.daemons import mounted, run_octofs, write_vault_yaml
 from tests.support.fuse import is_octofs_mounted
 from tests.support.replay import replay_journal
 from tests.support.trees import tree_snapshot
