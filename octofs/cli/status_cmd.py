@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=160)
+    # A terminal gets tables at its width (cells fold, never truncate); a pipe gets 160 columns.
+    console = Console(width=None if sys.stdout.isatty() else 160)
     table = Table(title="octofs vaults", title_justify="left")
     for col in ("vault", "mountpoint", "state", "forwarding", "last seq", "durable seq", "journal", "problem"):
         table.add_column(col, justify="right" if "seq" in col or col == "journal" else "left", overflow="fold")
