@@ -253,11 +253,16 @@ class Shipper:
             self._last_heard = trio.current_time()
             log.info("target %s (%s) connected, resuming after seq %d", self.name, self.address, welcome.acked_seq)
             send_lock = trio.Lock()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._receive, stream, decoder)
-                nursery.start_soon(self._heartbeat, stream, send_lock)
-                nursery.start_soon(self._watch_forwarding)
-                await self._send_loop(stream, send_lock)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._receive, stream, decoder)
+                    nursery.start_soon(self._heartbeat, stream, send_lock)
+                    nursery.start_soon(self._watch_forwarding)
+                    await self._send_loop(stream, send_lock)
+            except BaseExceptionGroup as group:
+                # trio wraps what the connection's tasks raised; the first real error
+                # decides what run() does (reconnect, back off, report).
+                raise _first_error(group) from None
 
     async def _handshake(self, stream: trio.abc.Stream, decoder: protocol.FrameDecoder) -> protocol.Welcome:
         nonce = protocol.new_nonce()
@@ -363,10 +368,20 @@ async def _expect(stream: trio.abc.Stream, decoder: protocol.FrameDecoder, cls: 
         decoder.feed(data)
 
 
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first exception in a (nested) group that is not a cancellation."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            exc = _first_error(exc)
+        if not isinstance(exc, trio.Cancelled):
+            return exc
+    return group.exceptions[0]
+
+
 def _refusal(msg: protocol.Error, peer: str) -> PeerError:
     if msg.code == "auth":
         return PeerAuthError(peer=peer, reason=f"refused: {msg.message}")
     if msg.code == "version":
-        return PeerError(peer=peer, reason=f"protocol versions do not match: {msg.message}")
+        return PeerVersionError(peer=peer, theirs=msg.message, ours=list(protocol.SUPPORTED_VERSIONS))
     return PeerError(peer=peer, reason=f"refused ({msg.code}): {msg.message}")
 

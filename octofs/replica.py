@@ -1,0 +1,533 @@
+"""replica.py: owns one vault's replica dir on a target and the target's state beside it.
+
+Layout of a target root (docs/FORMAT.md §7, Target state dir)::
+
+    ROOT/NAME/                          the replica dir of vault NAME: exactly the vault's files
+    ROOT/.octofs/lock                   flock held by the one `octofs serve` using ROOT
+    ROOT/.octofs/control.sock           the serve daemon's control socket
+    ROOT/.octofs/vaults/NAME/vault_id   the vault identity recorded at first contact (hex)
+    ROOT/.octofs/vaults/NAME/epoch      the highest epoch seen (decimal)
+    ROOT/.octofs/vaults/NAME/position   u64le durable seq, u64le touched seq (fdatasync'ed)
+    ROOT/.octofs/vaults/NAME/progress   u64le applied seq, u64le in-flight seq, 16-byte boot id
+    ROOT/.octofs/vaults/NAME/needs_resync   present (with the reason) when ops could not be applied
+
+Vault names never start with '.', so ``.octofs`` can never be a replica dir.
+
+Invariants:
+
+- **Seq order, exactly once (DESIGN invariant 1).** ``apply_record`` applies seq
+  ``applied_seq + 1`` only; a lower seq is a duplicate (a resend after a reconnect)
+  and is skipped, a higher one is a gap and is refused with ProtocolError.
+- **Barriers (invariant 2).** An FsyncOp is followed by ``make_durable()`` before
+  ``apply_record`` returns, so nothing after a barrier is applied before everything
+  up to it is durable. ``make_durable`` runs ``syncfs`` *before* it writes
+  ``position``: the durable seq is never on disk ahead of the data it names.
+- **Confinement (invariant 5).** Ops go through ``apply.apply_op`` relative to an fd
+  of ``ROOT/NAME`` opened with ``O_NOFOLLOW``; the few look-ups made here (crash
+  tolerance) walk the path the same way, never following a symlink.
+- **Nothing silently lost (invariant 4).** An op that cannot be applied marks the
+  vault ``needs_resync`` (with the reason) and nothing more is applied until a
+  Synchronize clears it.
+
+Crash safety. ``progress`` is written with ``pwrite`` and never fsynced: it lives in
+the page cache, which survives a kill of this process but not of the machine.
+
+- *Process killed* (SIGKILL, OOM, bug): every op up to ``progress.applied`` took
+  full effect; the op named ``progress.in_flight`` (written just before it was
+  started) may be half done. On open, ``applied_seq = max(position, progress)`` and
+  for that one op only "already done" outcomes are tolerated: UnlinkOp/RmdirOp
+  ENOENT; RenameOp with the source gone and the destination present; LinkOp EEXIST
+  where the destination is the source's inode (Create/Mkdir/Mknod/Symlink and the
+  data ops are already harmless twice, see apply.py). A half-done RENAME_EXCHANGE
+  cannot be told from a done one (both names exist either way), so it marks the
+  vault for resync instead. Exactly once holds across any number of kills.
+- *Machine went down* (power cut, kernel crash, reboot without a clean stop): the
+  page cache is gone, and with it the knowledge of which ops after the durable
+  position reached the disk. The boot id in ``progress`` tells the two cases apart.
+  ``position`` carries a second seq, *touched*: the highest seq whose effects may
+  be on disk. It is made durable (``UNKNOWN_SEQ``) before the first op after each
+  durable point is applied, and reset to the durable seq by ``make_durable``. After
+  a reboot: touched == durable → nothing after the durable seq was applied, resume
+  exactly; touched == durable + 1 → that op may be half done, tolerate it as above;
+  otherwise ops after the durable seq may be partly on disk, in an order the primary
+  never had: the vault is marked ``needs_resync`` (it is not guessed at). So a
+  power cut during replay costs a Synchronize, never a silent divergence; a power
+  cut while idle (the common case) costs nothing. The price is one extra
+  ``fdatasync`` of a 16-byte file per durable point.
+
+Thread use: one thread at a time calls the mutating methods (the replayer runs at
+most one connection per vault and calls them through ``trio.to_thread``); reading
+the plain attributes from another thread is fine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import struct
+from pathlib import Path
+from typing import NoReturn
+
+from octofs import apply, state
+from octofs.errors import (
+    DaemonRunningError,
+    OpError,
+    PeerEpochError,
+    PeerError,
+    ProtocolError,
+)
+from octofs.ops import (
+    RENAME_EXCHANGE,
+    FsyncOp,
+    LinkOp,
+    Op,
+    Record,
+    RenameOp,
+    RmdirOp,
+    UnlinkOp,
+)
+
+log = logging.getLogger(__name__)
+
+STATE_DIR_NAME = ".octofs"
+UNKNOWN_SEQ = 2**64 - 1  # "touched" value: ops after the durable seq may be on disk
+
+# The same rule as config.py's vault names (a lower layer may not import config):
+# a portable folder name that never starts with '.', '-' or '_'.
+_VAULT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+_POSITION = struct.Struct("<QQ")  # durable seq, touched seq
+_PROGRESS = struct.Struct("<QQ16s")  # applied seq, in-flight seq (0 = none), boot id
+_PROGRESS_DONE = struct.Struct("<QQ")  # the first two fields, rewritten after each op
+_IN_FLIGHT = struct.Struct("<Q")
+_IN_FLIGHT_OFFSET = 8
+_BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+
+# -- target root layout ---------------------------------------------------------
+
+
+def state_root(root: Path) -> Path:
+    """``ROOT/.octofs``: everything of the target's own, beside the replica dirs."""
+    return Path(root) / STATE_DIR_NAME
+
+
+def vault_state_dir(root: Path, vault: str) -> Path:
+    return state_root(root) / "vaults" / vault
+
+
+def control_socket_path(root: Path) -> Path:
+    return state_root(root) / "control.sock"
+
+
+def lock_path(root: Path) -> Path:
+    return state_root(root) / "lock"
+
+
+def check_vault_name(vault: object) -> str:
+    """Return ``vault`` if it is a valid vault name (a safe folder name), else raise ValueError."""
+    if not isinstance(vault, str) or not _VAULT_NAME_RE.match(vault):
+        raise ValueError(
+            f"bad vault name {vault!r}: expected 1-64 letters, digits, '-', '_' or '.', "
+            "starting with a letter or digit"
+        )
+    return vault
+
+
+def known_vaults(root: Path) -> list[str]:
+    """Names of the vaults that have state under ``ROOT/.octofs/vaults/``, sorted."""
+    try:
+        entries = os.listdir(state_root(root) / "vaults")
+    except FileNotFoundError:
+        return []
+    return sorted(name for name in entries if _VAULT_NAME_RE.match(name))
+
+
+class TargetLock:
+    """Exclusive, process-lifetime lock of a target root: one ``octofs serve`` per root.
+
+    An flock, so the kernel drops it when the process dies (a SIGKILLed serve never
+    leaves a stale lock).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self._root = Path(root)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, creating ``ROOT/.octofs`` if needed.
+
+        Raises:
+            DaemonRunningError: another process holds it.
+            OSError: ROOT/.octofs cannot be created or opened.
+        """
+        state_root(self._root).mkdir(mode=0o700, exist_ok=True)
+        path = lock_path(self._root)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DaemonRunningError(
+                f"Another octofs serve is using root {self._root} ({path} is locked)",
+                vault="", state_dir=str(state_root(self._root)),
+            ) from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def current_boot_id() -> bytes:
+    """This boot's id (16 bytes), or 16 zero bytes where /proc does not say."""
+    try:
+        with open(_BOOT_ID_PATH, "rb") as f:
+            return bytes.fromhex(f.read().decode().strip().replace("-", ""))[:16].ljust(16, b"\0")
+    except (OSError, ValueError):
+        return bytes(16)
+
+
+# -- the replica ------------------------------------------------------------------
+
+
+class Replica:
+    """One vault's replica dir on a target, and its replay position.
+
+    Use ``Replica.open``; call ``close`` when done.
+
+    Attributes:
+        vault: the vault name (the folder ``ROOT/NAME``).
+        replica_dir: ``ROOT/NAME``.
+        state_dir: ``ROOT/.octofs/vaults/NAME``.
+        vault_id: the identity recorded at first contact, or None before it.
+        epoch: the highest epoch a primary presented (0 before first contact).
+        applied_seq: the last seq applied (in the page cache; maybe not durable).
+        durable_seq: the last seq made durable: what the target acks.
+        owners: whether file owners are reproduced (only root may give files away).
+        needs_resync: why the vault must be synchronized before more ops are
+            applied, or None.
+    """
+
+    def __init__(self, vault: str, root: Path, fd: int) -> None:
+        self.vault = vault
+        self.root = Path(root)
+        self.replica_dir = self.root / vault
+        self.state_dir = vault_state_dir(self.root, vault)
+        self.owners = os.geteuid() == 0
+        self.vault_id: bytes | None = None
+        self.epoch = 0
+        self.applied_seq = 0
+        self.durable_seq = 0
+        self.needs_resync: str | None = None
+        self._fd: int | None = fd
+        self._pos_fd: int | None = None
+        self._prog_fd: int | None = None
+        self._touched = 0  # the touched seq currently durable in `position`
+        self._half_done: int | None = None  # the one seq whose "already done" outcomes are tolerated
+
+    # -- opening ---------------------------------------------------------------
+
+    @classmethod
+    def open(cls, root: Path, vault: str) -> Replica:
+        """Open (creating if needed) the replica dir ``ROOT/NAME`` and its state.
+
+        Recovers from a crash of an earlier process (see the module docstring) and
+        makes everything applied so far durable.
+
+        Raises:
+            ValueError: ``vault`` is not a valid vault name.
+            OSError: the replica dir or the state dir cannot be created or opened
+                (``ROOT/NAME`` is a symlink or not a directory: ELOOP/ENOTDIR).
+        """
+        check_vault_name(vault)
+        root = Path(root)
+        sdir = vault_state_dir(root, vault)
+        sdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            created = False
+            try:
+                os.mkdir(vault, 0o755, dir_fd=root_fd)
+                created = True
+            except FileExistsError:
+                pass
+            # O_NOFOLLOW: a symlink planted at ROOT/NAME must not redirect the replica.
+            fd = os.open(vault, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
+            if created:
+                os.fsync(root_fd)
+        finally:
+            os.close(root_fd)
+        replica = cls(vault, root, fd)
+        try:
+            replica._load(created)
+        except BaseException:
+            replica._close_fds()
+            raise
+        return replica
+
+    def _load(self, created: bool) -> None:
+        sdir = self.state_dir
+        with contextlib.suppress(FileNotFoundError):
+            self.vault_id = bytes.fromhex((sdir / "vault_id").read_text().strip())
+        with contextlib.suppress(FileNotFoundError):
+            self.epoch = int((sdir / "epoch").read_text().strip())
+        self.needs_resync = state.needs_resync(sdir)
+
+        pos_path = sdir / "position"
+        if not pos_path.exists():
+            state.write_atomic(pos_path, _POSITION.pack(0, 0), 0o600)
+        self._pos_fd = os.open(pos_path, os.O_RDWR | os.O_CLOEXEC)
+        raw = os.pread(self._pos_fd, _POSITION.size, 0)
+        if len(raw) != _POSITION.size:
+            self.mark_needs_resync(f"the position file {pos_path} is damaged ({len(raw)} bytes)")
+            raw = _POSITION.pack(0, UNKNOWN_SEQ)
+        durable, touched = _POSITION.unpack(raw)
+
+        prog_path = sdir / "progress"
+        self._prog_fd = os.open(prog_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        raw = os.pread(self._prog_fd, _PROGRESS.size, 0)
+        boot = current_boot_id()
+        if len(raw) == _PROGRESS.size and _PROGRESS.unpack(raw)[2] == boot:
+            # Only this process died (or it stopped cleanly): the page cache holds
+            # every op up to `applied`, and `in_flight` names the one that may be half done.
+            applied, in_flight, _ = _PROGRESS.unpack(raw)
+            applied = max(applied, durable)
+            half = in_flight if in_flight == applied + 1 else None
+        else:
+            # First open, or the machine went down since: only `position` is known.
+            applied = durable
+            half = None
+            if touched == durable + 1:
+                half = touched
+            elif touched != durable:
+                self.mark_needs_resync(
+                    f"the target went down (power cut or crash) while ops after seq {durable} were being "
+                    "applied; some of them may be partly on disk"
+                )
+        if created and applied > 0:
+            self.mark_needs_resync(f"the replica dir {self.replica_dir} was missing (applied seq was {applied})")
+        self.applied_seq = applied
+        self.durable_seq = durable
+        self._touched = touched
+        self._half_done = half
+        os.pwrite(self._prog_fd, _PROGRESS.pack(applied, half or 0, boot), 0)
+        if half is not None:
+            log.info("vault %s: op seq %d may have been half applied when the last replay stopped; "
+                     "it is re-applied, tolerating what is already done", self.vault, half)
+        if self.needs_resync is None and (applied > durable or touched not in (durable, durable + 1)):
+            self.make_durable()
+
+    # -- peers -----------------------------------------------------------------
+
+    def check_peer(self, vault_id: bytes, epoch: int, *, peer: str = "the primary") -> None:
+        """Check the identity and epoch a primary presents; record them at first contact.
+
+        Args:
+            vault_id: the 16-byte vault identity from the primary's Hello.
+            epoch: the primary's epoch.
+            peer: a name for messages.
+
+        Raises:
+            PeerError: this vault name belongs to another vault identity here.
+            PeerEpochError: the primary's epoch is lower than one already seen (it is stale).
+        """
+        if self.vault_id is None:
+            state.write_atomic(self.state_dir / "vault_id", vault_id.hex().encode() + b"\n", 0o600)
+            self.vault_id = vault_id
+            log.info("vault %s: first contact, recorded vault id %s", self.vault, vault_id.hex())
+        elif vault_id != self.vault_id:
+            reason = (
+                f"vault {self.vault} on this target has vault id {self.vault_id.hex()}, but {peer} presents "
+                f"vault id {vault_id.hex()}: a different vault with the same name is refused"
+            )
+            raise PeerError(f"Peer {peer}: {reason}", peer=peer, reason=reason)
+        if epoch < self.epoch:
+            raise PeerEpochError(
+                f"Peer {peer} has epoch {epoch} for vault {self.vault}, lower than the epoch {self.epoch} "
+                "this target has seen: that primary is stale (a failover happened)",
+                peer=peer, theirs=epoch, ours=self.epoch,
+            )
+        if epoch > self.epoch:
+            state.write_atomic(self.state_dir / "epoch", f"{epoch}\n".encode(), 0o600)
+            self.epoch = epoch
+
+    # -- applying ----------------------------------------------------------------
+
+    def apply_record(self, rec: Record) -> None:
+        """Apply one record in seq order (exactly once).
+
+        Raises:
+            ProtocolError: ``rec.seq`` leaves a gap after ``applied_seq``.
+            OpError: the vault needs a resync, or the op could not be applied; in the
+                latter case the vault is now marked ``needs_resync`` with the reason.
+        """
+        seq = rec.seq
+        if self.needs_resync is not None:
+            raise OpError(f"Vault {self.vault} needs a resync ({self.needs_resync}): seq {seq} is not applied")
+        if seq <= self.applied_seq:
+            log.debug("vault %s: skipping seq %d, already applied (applied seq %d)", self.vault, seq, self.applied_seq)
+            return
+        if seq != self.applied_seq + 1:
+            raise ProtocolError(
+                peer="the primary",
+                reason=f"record seq {seq} for vault {self.vault} does not follow the applied seq "
+                f"{self.applied_seq} (a gap)",
+            )
+        assert self._fd is not None and self._prog_fd is not None
+        try:
+            if self._touched != UNKNOWN_SEQ:
+                # Durable before this op can reach the disk: "ops after the durable seq
+                # may be on disk" (module docstring, machine went down).
+                self._write_position(self.durable_seq, UNKNOWN_SEQ)
+            os.pwrite(self._prog_fd, _IN_FLIGHT.pack(seq), _IN_FLIGHT_OFFSET)
+        except OSError as exc:
+            self._fail(f"cannot record progress before seq {seq}: {exc.strerror or exc}", exc)
+        try:
+            if seq == self._half_done:
+                self._apply_half_done(rec.op)
+            else:
+                apply.apply_op(self._fd, rec.op, chown=self.owners)
+        except (OSError, OpError) as exc:
+            detail = exc.message if isinstance(exc, OpError) else (exc.strerror or str(exc))
+            self._fail(f"cannot apply seq {seq} ({_describe(rec.op)}): {detail}", exc)
+        self._half_done = None
+        self.applied_seq = seq
+        try:
+            os.pwrite(self._prog_fd, _PROGRESS_DONE.pack(seq, 0), 0)
+        except OSError as exc:
+            self._fail(f"cannot record progress after seq {seq}: {exc.strerror or exc}", exc)
+        if isinstance(rec.op, FsyncOp):
+            self.make_durable()  # a barrier: DESIGN invariant 2
+
+    def _apply_half_done(self, op: Op) -> None:
+        """Apply the op that may have been half done when the last process died."""
+        assert self._fd is not None
+        if isinstance(op, RenameOp) and op.flags & RENAME_EXCHANGE:
+            # Both names exist before and after an exchange: there is no telling.
+            raise OpError(reason="a rename exchange was interrupted; cannot tell whether it took effect")
+        try:
+            apply.apply_op(self._fd, op, chown=self.owners)
+        except FileNotFoundError:
+            if isinstance(op, (UnlinkOp, RmdirOp)):
+                pass  # already removed
+            elif isinstance(op, RenameOp) and _lstat(self._fd, op.src) is None and _lstat(self._fd, op.path):
+                pass  # already moved
+            else:
+                raise
+        except FileExistsError:
+            if not isinstance(op, LinkOp):
+                raise
+            src, dst = _lstat(self._fd, op.src), _lstat(self._fd, op.path)
+            if src is None or dst is None or (src.st_dev, src.st_ino) != (dst.st_dev, dst.st_ino):
+                raise
+        log.info("vault %s: re-applied the interrupted %s", self.vault, _describe(op))
+
+    def make_durable(self) -> int:
+        """Make everything applied so far durable, then record that in ``position``.
+
+        Returns:
+            The new ``durable_seq`` (= ``applied_seq``).
+
+        Raises:
+            OpError: syncfs or the position write failed (e.g. EIO); the vault is
+                marked ``needs_resync``.
+        """
+        touched = self.applied_seq + 1 if self._half_done is not None else self.applied_seq
+        if self.durable_seq == self.applied_seq and self._touched == touched:
+            return self.durable_seq
+        assert self._fd is not None
+        try:
+            apply.barrier(self._fd)  # first the data ...
+            self._write_position(self.applied_seq, touched)  # ... then the seq that names it
+        except OSError as exc:
+            self._fail(f"cannot make seq {self.applied_seq} durable: {exc.strerror or exc}", exc)
+        self.durable_seq = self.applied_seq
+        return self.durable_seq
+
+    def _write_position(self, durable: int, touched: int) -> None:
+        assert self._pos_fd is not None
+        # 16 bytes at offset 0 of a file that is never shorter: one sector, no torn write.
+        os.pwrite(self._pos_fd, _POSITION.pack(durable, touched), 0)
+        os.fdatasync(self._pos_fd)
+        self._touched = touched
+
+    def _fail(self, reason: str, cause: BaseException) -> NoReturn:
+        """Mark the vault for resync with ``reason`` and raise OpError."""
+        self.mark_needs_resync(reason)
+        raise OpError(f"Vault {self.vault}: {reason}", reason=reason) from cause
+
+    def mark_needs_resync(self, reason: str) -> None:
+        """Record (durably) that the vault must be synchronized; nothing more is applied."""
+        if self.needs_resync is None:
+            log.error("vault %s needs a resync: %s", self.vault, reason)
+            self.needs_resync = reason
+            try:
+                state.mark_needs_resync(self.state_dir, reason)
+            except OSError as exc:  # e.g. the same full disk; still refused in memory
+                log.error("cannot record that vault %s needs a resync: %s", self.vault, exc)
+
+    # -- closing -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Make everything applied durable (when the vault is healthy) and close the fds."""
+        try:
+            if self._fd is not None and self.needs_resync is None:
+                with contextlib.suppress(OpError):  # already logged and marked
+                    self.make_durable()
+        finally:
+            self._close_fds()
+
+    def _close_fds(self) -> None:
+        for name in ("_fd", "_pos_fd", "_prog_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
+
+
+# -- helpers ----------------------------------------------------------------------
+
+
+def _lstat(root_fd: int, path: bytes) -> os.stat_result | None:
+    """lstat of a validated vault path under ``root_fd``, never following a symlink; None if absent."""
+    parts = path.split(b"/")
+    fd = root_fd
+    try:
+        for part in parts[:-1]:
+            old, fd = fd, os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            if old != root_fd:
+                os.close(old)
+        return os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return None
+        raise
+    finally:
+        if fd != root_fd:
+            os.close(fd)
+
+
+def _describe(op: Op) -> str:
+    name = type(op).__name__.removesuffix("Op").lower()
+    names = (op.src, op.path) if isinstance(op, (RenameOp, LinkOp)) else (op.path,)
+    return f"{name} {' -> '.join(os.fsdecode(p) or '/' for p in names)}"
+
+
+__all__ = [
+    "UNKNOWN_SEQ",
+    "Replica",
+    "TargetLock",
+    "check_vault_name",
+    "control_socket_path",
+    "current_boot_id",
+    "known_vaults",
+    "lock_path",
+    "state_root",
+    "vault_state_dir",
+]

@@ -1,0 +1,419 @@
+"""Replica: seq order, exactly once across kills, barriers before position, identity and epoch checks."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from octofs import apply
+from octofs import replica as replica_mod
+from octofs.errors import (
+    DaemonRunningError,
+    OpError,
+    PeerEpochError,
+    PeerError,
+    ProtocolError,
+)
+from octofs.ops import (
+    RENAME_EXCHANGE,
+    CreateOp,
+    FsyncOp,
+    LinkOp,
+    MkdirOp,
+    Record,
+    RenameOp,
+    RmdirOp,
+    SymlinkOp,
+    UnlinkOp,
+    WriteOp,
+)
+from octofs.replica import UNKNOWN_SEQ, Replica, TargetLock
+from tests.support.trees import tree_snapshot
+
+VID = bytes(range(16))
+T = 1_700_000_000_000_000_000
+
+
+def rec(seq: int, op) -> Record:
+    return Record(seq, T + seq, op)
+
+
+def create(path: bytes) -> CreateOp:
+    return CreateOp(path, 0o644, os.getuid(), os.getgid(), T)
+
+
+def write(path: bytes, data: bytes, offset: int = 0) -> WriteOp:
+    return WriteOp(path, offset, data, T)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path / "root"
+    r.mkdir()
+    return r
+
+
+def open_replica(root: Path, name: str = "v") -> Replica:
+    return Replica.open(root, name)
+
+
+def position(root: Path, name: str = "v") -> tuple[int, int]:
+    return struct.unpack("<QQ", (root / ".octofs/vaults" / name / "position").read_bytes())
+
+
+def kill(rep: Replica) -> None:
+    """What SIGKILL leaves: fds closed, nothing made durable, page cache intact."""
+    rep._close_fds()
+
+
+def apply_all(rep: Replica, ops: list, start: int = 1) -> None:
+    for i, op in enumerate(ops, start):
+        rep.apply_record(rec(i, op))
+
+
+# -- basics -------------------------------------------------------------------------
+
+
+def test_open_creates_layout_and_starts_at_zero(root: Path) -> None:
+    rep = open_replica(root)
+    try:
+        assert (root / "v").is_dir()
+        assert (root / ".octofs/vaults/v/position").is_file()
+        assert (rep.applied_seq, rep.durable_seq, rep.vault_id, rep.epoch) == (0, 0, None, 0)
+        assert rep.owners == (os.geteuid() == 0)
+        assert rep.needs_resync is None
+    finally:
+        rep.close()
+
+
+@pytest.mark.parametrize("name", [".octofs", "..", ".", "a/b", "", "-x", "x" * 65, "a\0b"])
+def test_bad_vault_names_refused(root: Path, name: str) -> None:
+    with pytest.raises(ValueError):
+        Replica.open(root, name)
+    assert sorted(os.listdir(root)) in ([], [".octofs"]) and not (root / ".octofs/vaults").exists()
+
+
+def test_symlink_at_replica_dir_is_not_followed(root: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (root / "v").symlink_to(elsewhere)
+    with pytest.raises(OSError):
+        Replica.open(root, "v")
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_applies_in_order_and_skips_duplicates(root: Path) -> None:
+    rep = open_replica(root)
+    apply_all(rep, [create(b"f"), write(b"f", b"hello")])
+    assert rep.applied_seq == 2
+    rep.apply_record(rec(1, create(b"f")))  # a resend: skipped, so the file is not truncated
+    rep.apply_record(rec(2, write(b"f", b"XXXXX")))
+    assert (root / "v/f").read_bytes() == b"hello"
+    assert rep.applied_seq == 2
+    rep.close()
+
+
+def test_gap_is_a_protocol_error_and_applies_nothing(root: Path) -> None:
+    rep = open_replica(root)
+    rep.apply_record(rec(1, create(b"f")))
+    with pytest.raises(ProtocolError, match="gap"):
+        rep.apply_record(rec(3, create(b"g")))
+    assert not (root / "v/g").exists()
+    assert rep.applied_seq == 1 and rep.needs_resync is None
+    rep.close()
+
+
+def test_apply_failure_marks_needs_resync_and_refuses_more(root: Path) -> None:
+    rep = open_replica(root)
+    with pytest.raises(OpError, match="cannot apply seq 1"):
+        rep.apply_record(rec(1, UnlinkOp(b"missing")))
+    assert rep.needs_resync and "unlink missing" in rep.needs_resync
+    assert "unlink missing" in (root / ".octofs/vaults/v/needs_resync").read_text()
+    with pytest.raises(OpError, match="needs a resync"):
+        rep.apply_record(rec(1, create(b"f")))
+    assert not (root / "v/f").exists()
+    rep.close()
+    rep2 = open_replica(root)
+    assert rep2.needs_resync is not None
+    rep2.close()
+
+
+# -- durability -----------------------------------------------------------------------
+
+
+def test_barrier_makes_durable_before_position(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rep = open_replica(root)
+    calls: list[str] = []
+    real_barrier, real_fdatasync = apply.barrier, os.fdatasync
+
+    def barrier(fd: int) -> None:
+        calls.append("syncfs")
+        real_barrier(fd)
+
+    def fdatasync(fd: int) -> None:
+        calls.append(f"position={position(root)}")
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(apply, "barrier", barrier)
+    monkeypatch.setattr(replica_mod.os, "fdatasync", fdatasync)
+    rep.apply_record(rec(1, create(b"f")))
+    rep.apply_record(rec(2, write(b"f", b"data")))
+    rep.apply_record(rec(3, FsyncOp(b"f")))
+    # Before op 1: the "touched" mark (durable 0, unknown) is made durable; then, at the
+    # barrier, syncfs runs first and only then position = 3 is written and fdatasync'ed.
+    assert calls == [f"position={(0, UNKNOWN_SEQ)}", "syncfs", f"position={(3, 3)}"]
+    assert rep.durable_seq == 3 and position(root) == (3, 3)
+    rep.close()
+
+
+def test_make_durable_is_a_no_op_when_nothing_is_new(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rep = open_replica(root)
+    apply_all(rep, [create(b"f")])
+    assert rep.make_durable() == 1
+    monkeypatch.setattr(apply, "barrier", lambda fd: pytest.fail("syncfs without anything new"))
+    assert rep.make_durable() == 1
+    rep.close()
+
+
+def test_nothing_after_a_barrier_before_it_is_durable(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rep = open_replica(root)
+    seen: list[int] = []
+    real = apply.apply_op
+
+    def spy(fd, op, **kw):
+        seen.append(rep.durable_seq)
+        real(fd, op, **kw)
+
+    monkeypatch.setattr(apply, "apply_op", spy)
+    apply_all(rep, [create(b"f"), FsyncOp(b"f"), write(b"f", b"x"), create(b"g")])
+    # ops 3 and 4 were applied with durable_seq already 2 (the barrier's seq).
+    assert seen == [0, 0, 2, 2]
+    rep.close()
+
+
+def test_close_makes_durable(root: Path) -> None:
+    rep = open_replica(root)
+    apply_all(rep, [create(b"f"), write(b"f", b"abc")])
+    assert rep.durable_seq == 0
+    rep.close()
+    assert position(root) == (2, 2)
+
+
+# -- crashes ----------------------------------------------------------------------------
+
+
+def test_kill_resumes_from_progress_exactly(root: Path) -> None:
+    rep = open_replica(root)
+    apply_all(rep, [create(b"f"), write(b"f", b"abc"), RenameOp(b"f", b"g")])
+    kill(rep)
+    assert position(root)[0] == 0  # nothing was made durable
+    rep = open_replica(root)
+    assert rep.applied_seq == 3
+    assert rep.durable_seq == 3  # open made it durable
+    rep.apply_record(rec(3, RenameOp(b"f", b"g")))  # the primary resends: skipped, not re-applied
+    rep.apply_record(rec(4, create(b"f")))
+    assert (root / "v/g").read_bytes() == b"abc" and (root / "v/f").read_bytes() == b""
+    rep.close()
+
+
+def _kill_mid_op(rep: Replica, seq: int, op, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Apply ``op`` fully, then die before progress records it (the crash window)."""
+
+    class Killed(BaseException):
+        pass
+
+    real = os.pwrite
+
+    def pwrite(fd, data, offset):
+        if fd == rep._prog_fd and offset == 0:
+            raise Killed
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(replica_mod.os, "pwrite", pwrite)
+    with pytest.raises(Killed):
+        rep.apply_record(rec(seq, op))
+    monkeypatch.setattr(replica_mod.os, "pwrite", real)
+    kill(rep)
+
+
+SETUP = [create(b"a"), write(b"a", b"A"), MkdirOp(b"d", 0o755, os.getuid(), os.getgid(), T), create(b"d/x")]
+WINDOW_OPS = {
+    "unlink": UnlinkOp(b"a"),
+    "rmdir": RmdirOp(b"d2"),
+    "rename": RenameOp(b"a", b"b"),
+    "rename-over": RenameOp(b"a", b"d/x"),
+    "link": LinkOp(b"a", b"l"),
+    "create": create(b"new"),
+    "mkdir": MkdirOp(b"d3", 0o700, os.getuid(), os.getgid(), T),
+    "symlink": SymlinkOp(b"s", b"../../etc", os.getuid(), os.getgid(), T),
+    "write": write(b"a", b"BB", 1),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(WINDOW_OPS))
+def test_op_half_done_at_kill_is_tolerated_once(root: Path, tmp_path: Path, kind: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    setup = SETUP + ([MkdirOp(b"d2", 0o755, os.getuid(), os.getgid(), T)] if kind == "rmdir" else [])
+    op = WINDOW_OPS[kind]
+    rep = open_replica(root)
+    apply_all(rep, setup)
+    n = len(setup)
+    _kill_mid_op(rep, n + 1, op, monkeypatch)
+    rep = open_replica(root)
+    assert rep.applied_seq == n
+    rep.apply_record(rec(n + 1, op))  # the primary resends it: "already done" is fine
+    rep.apply_record(rec(n + 2, create(b"after")))
+    assert rep.needs_resync is None and rep.applied_seq == n + 2
+    rep.close()
+    # The result is exactly what applying each op once gives.
+    expected = tmp_path / "expected"
+    expected.mkdir()
+    fd = os.open(expected, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for o in [*setup, op, create(b"after")]:
+            apply.apply_op(fd, o)
+    finally:
+        os.close(fd)
+    assert tree_snapshot(root / "v") == tree_snapshot(expected)
+
+
+def test_tolerance_is_for_the_interrupted_op_only(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rep = open_replica(root)
+    apply_all(rep, SETUP)
+    n = len(SETUP)
+    _kill_mid_op(rep, n + 1, UnlinkOp(b"a"), monkeypatch)
+    rep = open_replica(root)
+    rep.apply_record(rec(n + 1, UnlinkOp(b"a")))
+    with pytest.raises(OpError):  # a later missing file is a real divergence
+        rep.apply_record(rec(n + 2, UnlinkOp(b"a")))
+    assert rep.needs_resync
+    rep.close()
+
+
+def test_clean_restart_tolerates_nothing(root: Path) -> None:
+    rep = open_replica(root)
+    apply_all(rep, SETUP)
+    rep.close()
+    rep = open_replica(root)
+    with pytest.raises(OpError):
+        rep.apply_record(rec(len(SETUP) + 1, UnlinkOp(b"nothing-here")))
+    rep.close()
+
+
+def test_interrupted_rename_exchange_needs_resync(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rep = open_replica(root)
+    apply_all(rep, SETUP)
+    n = len(SETUP)
+    _kill_mid_op(rep, n + 1, RenameOp(b"a", b"d/x", RENAME_EXCHANGE), monkeypatch)
+    rep = open_replica(root)
+    with pytest.raises(OpError, match="exchange"):
+        rep.apply_record(rec(n + 1, RenameOp(b"a", b"d/x", RENAME_EXCHANGE)))
+    assert "exchange" in rep.needs_resync
+    rep.close()
+
+
+def test_kill_repeatedly_in_the_window(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rep = open_replica(root)
+    apply_all(rep, SETUP)
+    n = len(SETUP)
+    _kill_mid_op(rep, n + 1, RenameOp(b"a", b"b"), monkeypatch)
+    rep = open_replica(root)  # open makes durable with "touched = n + 1"
+    assert position(root) == (n, n + 1)
+    kill(rep)
+    rep = open_replica(root)
+    rep.apply_record(rec(n + 1, RenameOp(b"a", b"b")))
+    assert (root / "v/b").read_bytes() == b"A" and rep.needs_resync is None
+    rep.close()
+
+
+# -- machine went down (boot id changes) ------------------------------------------------
+
+
+def test_reboot_while_idle_resumes_at_position(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rep = open_replica(root)
+    apply_all(rep, SETUP)
+    rep.make_durable()
+    kill(rep)
+    monkeypatch.setattr(replica_mod, "current_boot_id", lambda: b"another boot....")
+    rep = open_replica(root)
+    assert (rep.applied_seq, rep.durable_seq, rep.needs_resync) == (len(SETUP), len(SETUP), None)
+    rep.close()
+
+
+def test_reboot_while_replaying_needs_resync(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rep = open_replica(root)
+    apply_all(rep, SETUP)
+    rep.make_durable()
+    rep.apply_record(rec(len(SETUP) + 1, create(b"z")))  # applied, not durable
+    kill(rep)
+    monkeypatch.setattr(replica_mod, "current_boot_id", lambda: b"another boot....")
+    rep = open_replica(root)
+    assert rep.applied_seq == len(SETUP)
+    assert rep.needs_resync and "power cut" in rep.needs_resync
+    rep.close()
+
+
+def test_missing_replica_dir_with_state_needs_resync(root: Path) -> None:
+    rep = open_replica(root)
+    apply_all(rep, SETUP)
+    rep.close()
+    import shutil
+
+    shutil.rmtree(root / "v")
+    rep = open_replica(root)
+    assert rep.needs_resync and "missing" in rep.needs_resync
+    rep.close()
+
+
+# -- identity and epoch ------------------------------------------------------------------
+
+
+def test_first_contact_records_identity_and_epoch(root: Path) -> None:
+    rep = open_replica(root)
+    rep.check_peer(VID, 3)
+    rep.close()
+    assert (root / ".octofs/vaults/v/vault_id").read_text().strip() == VID.hex()
+    rep = open_replica(root)
+    assert (rep.vault_id, rep.epoch) == (VID, 3)
+    rep.check_peer(VID, 3)
+    rep.check_peer(VID, 4)
+    assert rep.epoch == 4 and (root / ".octofs/vaults/v/epoch").read_text().strip() == "4"
+    rep.close()
+
+
+def test_other_vault_id_refused_naming_both(root: Path) -> None:
+    rep = open_replica(root)
+    rep.check_peer(VID, 1)
+    other = bytes(16)
+    with pytest.raises(PeerError) as info:
+        rep.check_peer(other, 1, peer="primary 10.0.0.9:5000")
+    assert not isinstance(info.value, PeerEpochError)
+    assert VID.hex() in info.value.message and other.hex() in info.value.message
+    assert "10.0.0.9:5000" in info.value.message
+    assert rep.vault_id == VID
+    rep.close()
+
+
+def test_lower_epoch_refused(root: Path) -> None:
+    rep = open_replica(root)
+    rep.check_peer(VID, 5)
+    with pytest.raises(PeerEpochError, match="lower than the epoch 5"):
+        rep.check_peer(VID, 4)
+    assert rep.epoch == 5
+    rep.close()
+
+
+def test_target_lock_is_exclusive(root: Path) -> None:
+    a = TargetLock(root)
+    a.acquire()
+    b = TargetLock(root)
+    try:
+        with pytest.raises(DaemonRunningError, match="Another octofs serve"):
+            b.acquire()
+    finally:
+        a.release()
+    b.acquire()
+    b.release()
