@@ -128,6 +128,9 @@ def main() -> int:
         console.print("5. [bold]octofs status[/bold]")
         sys.stdout.flush()
         subprocess.run([sys.executable, "-m", "octofs", "status"], check=True)  # straight to the terminal
+        console.print(f"   and on the target: [bold]octofs status --root {target_root}[/bold]")
+        sys.stdout.flush()
+        subprocess.run([sys.executable, "-m", "octofs", "status", "--root", str(target_root)], check=True)
         console.print("6. verify: the target's copy against the primary's backing dir, byte for byte")
         replica = target_root / "shop"
         a, b = tree_snapshot(backing, mtime=True), tree_snapshot(replica, mtime=True)

@@ -24,6 +24,36 @@ def add_parser(sub) -> None:
                    help="block until every target has acked SEQ (default: everything journaled now); "
                         "exit 0 when synced, 53 on timeout, 50 when forwarding is off")
     p.add_argument("--timeout", type=float, default=60.0, metavar="S", help="for --wait-synced (default 60)")
+    p.add_argument("--root", metavar="DIR", help="show the target (`octofs serve --root DIR`) instead: "
+                                                  "the vaults it receives, applied seq, last heartbeat")
+
+
+def target_status(root: str) -> dict[str, Any]:
+    """The status document of the `octofs serve` running on ``root``."""
+    from octofs.replica import control_socket_path
+
+    reply = request(control_socket_path(Path(root)), "status")
+    reply.pop("ok", None)
+    return reply
+
+
+def print_target(doc: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    owners = "reproduced" if doc.get("owners") else "NOT reproduced (serve is not running as root)"
+    console.print(f"octofs serve on {doc.get('listen')}, root {doc.get('root')}, pid {doc.get('pid')}; file owners {owners}")
+    table = Table(title="vaults received", title_justify="left")
+    for col in ("vault", "vault id", "epoch", "applied seq", "durable seq", "primary", "last heartbeat", "problem"):
+        table.add_column(col, overflow="fold", justify="right" if "seq" in col or col == "epoch" else "left")
+    for v in doc.get("vaults", []):
+        age = v.get("last_heartbeat_age_s")
+        problem = v.get("error") or (f"needs resync: {v['needs_resync']}" if v.get("needs_resync") else "")
+        table.add_row(v["vault"], (v.get("vault_id") or "-")[:12], str(v.get("epoch")), str(v.get("applied_seq")),
+                      str(v.get("durable_seq")), v.get("peer") or "(not connected)",
+                      "-" if age is None else f"{age:.1f} s ago", problem)
+    console.print(table)
 
 
 def find_vault(which: str | None) -> tuple[Path, str]:
@@ -101,6 +131,13 @@ def collect(mountpoints: list[str]) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.root is not None:
+        doc = target_status(args.root)
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            print_target(doc)
+        return 0
     if args.wait_synced is not None:
         return wait_synced(args.mountpoints, args.wait_synced, args.timeout)
     vaults = collect(args.mountpoints)
