@@ -21,17 +21,16 @@ import signal
 import time
 from pathlib import Path
 
-import pyfuse3
 import trio
 
 from octofs import paths, state
 from octofs.config import VaultConfig
 from octofs.control import ControlRequestError, serve_control
-from octofs.errors import ConfigValueError
+from octofs.errors import ConfigValueError, JournalError
 from octofs.fs.mount import mount_options, open_mount, serve_mount, terminate
 from octofs.fs.operations import PassthroughOperations
-from octofs.fs.recorder import Recorder
 from octofs.journal import JournalWriter, drop_segments_before
+from octofs.recorder import Recorder
 from octofs.shipper import Forwarding, Shipper
 
 log = logging.getLogger(__name__)
@@ -159,7 +158,7 @@ class PrimaryDaemon:
             if not self.recorder.writer.failed:
                 try:
                     await self.recorder.sync_all()
-                except pyfuse3.FUSEError:  # the recorder went failsafe and logged why
+                except JournalError:  # the recorder went failsafe and logged why
                     log.debug("periodic journal flush failed", exc_info=True)
 
     async def _watch_signals(self) -> None:

@@ -32,9 +32,15 @@ from pathlib import Path
 import trio
 
 from octofs import codec, protocol
-from octofs.errors import JournalError, PeerAuthError, PeerError, PeerVersionError, ProtocolError
-from octofs.fs.recorder import Recorder
+from octofs.errors import (
+    JournalError,
+    PeerAuthError,
+    PeerError,
+    PeerVersionError,
+    ProtocolError,
+)
 from octofs.journal import JournalReader
+from octofs.recorder import Recorder
 
 log = logging.getLogger(__name__)
 

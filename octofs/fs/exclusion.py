@@ -130,7 +130,7 @@ class ExclusionCapture:
         except OSError as exc:
             # Same treatment as a journal failure (STYLE §7): the backing dir is now
             # ahead of the journal by this change, so the vault needs a resync.
-            self.recorder._fail(f"cannot capture {what}: {exc}")  # noqa: SLF001
+            self.recorder.fail(f"cannot capture {what}: {exc}")
             raise FUSEError(errno.EIO) from None
 
     def _record_rename(self, old: bytes, new: bytes, flags: int, a_node: Node | None,

@@ -40,10 +40,10 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
+from octofs.errors import JournalError
 from octofs.exclude import ExcludeFilter
 from octofs.fs.exclusion import ExclusionCapture
 from octofs.fs.inodes import ROOT, InodeTable, Node
-from octofs.fs.recorder import Recorder
 from octofs.ops import (
     CreateOp,
     FsyncOp,
@@ -60,6 +60,7 @@ from octofs.ops import (
     UnlinkOp,
     WriteOp,
 )
+from octofs.recorder import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +241,42 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
                 st = os.lstat(abs_path)
         return st
 
+    def _check_writable(self) -> None:
+        if self.recorder.failsafe:
+            # EROFS, not EIO: the disk is fine, the vault refuses changes it cannot journal.
+            raise FUSEError(errno.EROFS)
+
     def _record(self, op) -> int:
-        return self.recorder.record(op)
+        try:
+            return self.recorder.record(op)
+        except JournalError:
+            # The recorder went failsafe and logged why (STYLE §7); the application sees EIO.
+            raise FUSEError(errno.EIO) from None
+
+    async def _wait_durable(self, seq: int) -> None:
+        try:
+            await self.recorder.wait_durable(seq)
+        except JournalError:
+            raise FUSEError(errno.EIO) from None
+
+    async def _sync_both(self, sync_backing: Callable[[], None], seq: int) -> None:
+        """fsync the backing file and the journal (up to ``seq``) side by side, in threads.
+
+        Errors come out of the nursery as an exception group; the handler must raise
+        a plain FUSEError (anything else ends the mount), so the first one is re-raised.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, _passthrough, sync_backing)
+                await self._wait_durable(seq)
+        except BaseExceptionGroup as group:
+            fuse_errors = group.subgroup(FUSEError)
+            if fuse_errors is None:
+                raise
+            first = fuse_errors.exceptions[0]
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
 
     def _keep_journaled(self, node: Node | None) -> None:
         """``node`` just lost a name; if it has no known name left but is open and still linked, adopt a name.
@@ -325,7 +360,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         return self._attrs(node, self._stat_node(node))
 
     async def setattr(self, inode, attr, fields, fh, ctx):
-        self.recorder.check_writable()
+        self._check_writable()
         node = self.inodes.get(inode)
         if node is None:
             raise FUSEError(errno.ESTALE)
@@ -423,7 +458,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
     # -- creating and removing names ------------------------------------------
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        self.recorder.check_writable()
+        self._check_writable()
         parent_rel = self._path(parent_inode)
         rel = self._child(parent_inode, name)
         path = self._abs(rel)
@@ -435,7 +470,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         return self._new_entry(parent_inode, name, st)
 
     async def mkdir(self, parent_inode, name, mode, ctx):
-        self.recorder.check_writable()
+        self._check_writable()
         parent_rel = self._path(parent_inode)
         rel = self._child(parent_inode, name)
         path = self._abs(rel)
@@ -447,7 +482,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         return self._new_entry(parent_inode, name, st)
 
     async def symlink(self, parent_inode, name, target, ctx):
-        self.recorder.check_writable()
+        self._check_writable()
         parent_rel = self._path(parent_inode)
         rel = self._child(parent_inode, name)
         path = self._abs(rel)
@@ -458,7 +493,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         return self._new_entry(parent_inode, name, st)
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        self.recorder.check_writable()
+        self._check_writable()
         src = self._path(inode)
         rel = self._child(new_parent_inode, new_name)
         # An included name of the source, looked for before the link exists (the
@@ -476,7 +511,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         return self._new_entry(new_parent_inode, new_name, st)
 
     async def unlink(self, parent_inode, name, ctx):
-        self.recorder.check_writable()
+        self._check_writable()
         rel = self._child(parent_inode, name)
         _passthrough(os.unlink, self._abs(rel))
         if not self._excluded(rel, False):
@@ -486,7 +521,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         self._keep_journaled(node)
 
     async def rmdir(self, parent_inode, name, ctx):
-        self.recorder.check_writable()
+        self._check_writable()
         rel = self._child(parent_inode, name)
         path = self._abs(rel)
         node = self.inodes.entry(parent_inode, name)
@@ -513,7 +548,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
             node.fds.add(held)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        self.recorder.check_writable()
+        self._check_writable()
         old = self._child(parent_inode_old, name_old)
         new = self._child(parent_inode_new, name_new)
         a_node = self.inodes.entry(parent_inode_old, name_old)
@@ -552,7 +587,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         # so it is journaled whatever the access mode.
         trunc = bool(flags & os.O_TRUNC)
         if writing or trunc:
-            self.recorder.check_writable()
+            self._check_writable()
         rel = self._path(inode)
         fd = _passthrough(os.open, self._abs(rel), (flags & ~_STRIP_FLAGS) | os.O_CLOEXEC)
         jrel = self._jpath(node, rel) if trunc else None
@@ -563,7 +598,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fd)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
-        self.recorder.check_writable()
+        self._check_writable()
         parent_rel = self._path(parent_inode)
         rel = self._child(parent_inode, name)
         path = self._abs(rel)
@@ -587,7 +622,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         return _passthrough(os.pread, fh, size, off)
 
     async def write(self, fh, off, buf):
-        self.recorder.check_writable()
+        self._check_writable()
         node = self._fh_node[fh]
         n = _passthrough(os.pwrite, fh, buf, off)
         rel = self.inodes.path(node.ino)
@@ -599,7 +634,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
             if self._fh_sync[fh]:
                 # A write on an O_SYNC/O_DSYNC file is a barrier: durable before it returns.
                 seq = self._record(FsyncOp(rel, datasync=True))
-                await self.recorder.wait_durable(seq)
+                await self._wait_durable(seq)
         return n
 
     async def flush(self, fh):
@@ -620,10 +655,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
             await trio.to_thread.run_sync(_passthrough, sync_backing, fh)
             return
         seq = self._record(FsyncOp(rel, datasync=bool(datasync)))
-        # The backing fsync and the journal fsync run side by side in threads.
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.to_thread.run_sync, _passthrough, sync_backing, fh)
-            await self.recorder.wait_durable(seq)
+        await self._sync_both(lambda: sync_backing(fh), seq)
 
     # -- directories ----------------------------------------------------------
 
@@ -688,9 +720,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
             await trio.to_thread.run_sync(_passthrough, os.fsync, fh)
             return
         seq = self._record(FsyncOp(rel, datasync=bool(datasync)))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.to_thread.run_sync, _passthrough, os.fsync, fh)
-            await self.recorder.wait_durable(seq)
+        await self._sync_both(lambda: os.fsync(fh), seq)
 
     # -- extended attributes --------------------------------------------------
 
@@ -711,7 +741,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         return next(iter(node.fds)), {}, None
 
     async def setxattr(self, inode, name, value, ctx):
-        self.recorder.check_writable()
+        self._check_writable()
         target, kw, rel = self._xattr_target(inode)
         _passthrough(os.setxattr, target, name, value, **kw)
         if rel is not None and (rel := self._jpath(self.inodes[inode], rel)) is not None:
@@ -726,7 +756,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         return [os.fsencode(n) for n in _passthrough(os.listxattr, target, **kw)]
 
     async def removexattr(self, inode, name, ctx):
-        self.recorder.check_writable()
+        self._check_writable()
         target, kw, rel = self._xattr_target(inode)
         _passthrough(os.removexattr, target, name, **kw)
         if rel is not None and (rel := self._jpath(self.inodes[inode], rel)) is not None:

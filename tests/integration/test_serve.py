@@ -251,7 +251,7 @@ async def _ship(tmp_path: Path, *, restart_target: bool) -> None:
     """The contract between shipper.py and replayer.py: handshake, acks, and (optionally) a reconnect."""
     import trio
 
-    from octofs.fs.recorder import Recorder
+    from octofs.recorder import Recorder
     from octofs.journal import JournalWriter
     from octofs.replayer import serve_target
     from octofs.shipper import Forwarding, Shipper

@@ -1,4 +1,4 @@
-"""fs/recorder.py: owns the primary's journal writer inside the event loop.
+"""recorder.py: owns the primary's journal writer inside the event loop (used by fs/ and the shipper).
 
 Invariants:
 - ``record(op)`` is synchronous: a handler calls it right after the backing-dir
@@ -9,20 +9,19 @@ Invariants:
   appended before it started (group commit): many concurrent fsync requests cost
   one disk flush.
 - Failing to journal is not a passthrough error: the first failure logs once, sets
-  ``failsafe``, calls ``on_failure`` (which marks the vault for resync) and the
-  handler answers EIO; every later change is refused with EROFS until remount.
+  ``failsafe``, calls ``on_failure`` (which marks the vault for resync) and raises
+  ``JournalError``; fs/operations.py answers the application EIO, and refuses every
+  later change with EROFS until remount. No FUSE type appears here.
 """
 
 from __future__ import annotations
 
 import bisect
-import errno
 import logging
 import time
 from collections.abc import Callable
 
 import trio
-from pyfuse3 import FUSEError
 
 from octofs.errors import JournalError
 from octofs.journal import JournalWriter
@@ -55,20 +54,14 @@ class Recorder:
         self._index_seqs: list[int] = []
         self._index_times: list[int] = []
 
-    def check_writable(self) -> None:
-        """Raise EROFS if the vault has gone failsafe."""
-        if self.failsafe:
-            # EROFS, not EIO: the disk is fine, the vault refuses changes it cannot journal.
-            raise FUSEError(errno.EROFS)
-
     def record(self, op: Op) -> int:
-        """Append ``op``; on failure go failsafe and raise FUSEError(EIO)."""
+        """Append ``op``; on failure go failsafe and raise the JournalError."""
         now = time.time_ns()
         try:
             seq = self.writer.append(op, now)
         except JournalError as exc:
-            self._fail(str(exc))
-            raise FUSEError(errno.EIO) from None
+            self.fail(str(exc))
+            raise
         if not self._index_times or now - self._index_times[-1] >= INDEX_INTERVAL_NS:
             self._index_seqs.append(seq)
             self._index_times.append(now)
@@ -112,14 +105,15 @@ class Recorder:
                         # marks itself failed (a retried fsync after EIO can lie).
                         writer.finish_sync(ticket)
                 except JournalError as exc:
-                    self._fail(f"fsync of the journal failed: {exc}")
-                    raise FUSEError(errno.EIO) from None
+                    self.fail(f"fsync of the journal failed: {exc}")
+                    raise
 
     async def sync_all(self) -> None:
         """Make everything appended so far durable (periodic flush, clean shutdown)."""
         await self.wait_durable(self.writer.last_seq)
 
-    def _fail(self, message: str) -> None:
+    def fail(self, message: str) -> None:
+        """Go failsafe: the backing dir and the journal no longer agree (see module docstring)."""
         if self.failsafe:
             return
         self.failsafe = True
