@@ -28,9 +28,9 @@ import math
 import os
 import re
 import stat
-from decimal import Decimal
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 from typing import NoReturn
@@ -38,7 +38,12 @@ from typing import NoReturn
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from octofs.errors import ConfigFileError, ConfigSyntaxError, ConfigValueError, UsageError
+from octofs.errors import (
+    ConfigFileError,
+    ConfigSyntaxError,
+    ConfigValueError,
+    UsageError,
+)
 
 DEFAULT_PORT = 7070
 DEFAULT_LISTEN_HOST = "0.0.0.0"

@@ -13,8 +13,19 @@ from pathlib import Path
 from octofs import paths, state
 from octofs.cli.common import add_command, setup_logging
 from octofs.config import VaultConfig, load_vault_config
-from octofs.errors import DaemonRunningError, FuseUnavailableError, MountpointError, MountStartError
-from octofs.mounttab import FS_TYPE, find_mount, fusermount_binary, fusermount_unmount, is_stale
+from octofs.errors import (
+    DaemonRunningError,
+    FuseUnavailableError,
+    MountpointError,
+    MountStartError,
+)
+from octofs.mounttab import (
+    FS_TYPE,
+    find_mount,
+    fusermount_binary,
+    fusermount_unmount,
+    is_stale,
+)
 
 log = logging.getLogger(__name__)
 

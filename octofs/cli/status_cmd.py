@@ -12,7 +12,13 @@ from typing import Any
 from octofs import paths, state
 from octofs.cli.common import add_command
 from octofs.control import request
-from octofs.errors import DaemonError, DaemonNotRunningError, NotMountedError, UsageError, WaitTimeoutError
+from octofs.errors import (
+    DaemonError,
+    DaemonNotRunningError,
+    NotMountedError,
+    UsageError,
+    WaitTimeoutError,
+)
 from octofs.mounttab import FS_TYPE, find_mount, octofs_mounts
 
 
