@@ -13,6 +13,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -92,11 +93,15 @@ class PrimaryDaemon:
         lock.acquire()
         try:
             vault_id = state.vault_id(self.state_dir)
+            max_size = cfg.journal.max_size_bytes
             writer = JournalWriter.open(
                 paths.journal_dir(self.state_dir),
                 vault_id=vault_id,
                 epoch=state.read_epoch(self.state_dir),
-                max_total_bytes=cfg.journal.max_size_bytes,
+                # Several segments fit under max_size, so that acked ones can be dropped
+                # while the live one fills (a live segment is never dropped).
+                max_segment_bytes=max(64 * 2**10, min(64 * 2**20, max_size // 8)),
+                max_total_bytes=max_size,
             )
             rec = writer.recovery
             log.info("journal open: last seq %d (recovery cut %d bytes)", rec.last_seq, rec.truncated_bytes)
@@ -117,7 +122,8 @@ class PrimaryDaemon:
         # Modes of new files come from the application (mode & ~its umask), never
         # from the daemon's own umask.
         os.umask(0)
-        self.recorder = Recorder(writer, on_failure=self._on_journal_failure)
+        self.recorder = Recorder(writer, on_failure=self._on_journal_failure, when_full=cfg.journal.when_full,
+                                 headroom_bytes=min(32 * 2**20, cfg.journal.max_size_bytes // 4))
         self.ops = PassthroughOperations(os.fsencode(cfg.backing), self.recorder, exclude=cfg.exclude)
         secret = self._secret() if cfg.targets else b""
         vault_id = state.vault_id(self.state_dir)
@@ -137,8 +143,7 @@ class PrimaryDaemon:
                 })
                 for shipper in self.shippers:
                     nursery.start_soon(shipper.run)
-                if self.shippers:
-                    nursery.start_soon(self._janitor)
+                nursery.start_soon(self._janitor)
                 nursery.start_soon(self._flush_periodically)
                 nursery.start_soon(self._watch_signals)
                 paths.pid_path(self.state_dir).write_text(f"{os.getpid()}\n")
@@ -180,6 +185,8 @@ class PrimaryDaemon:
             "pid": os.getpid(),
             "started_at": self.started_at,
             "failsafe": self.recorder.failsafe,
+            "journal_full": self.recorder.full(),
+            "blocked_changes": self.recorder.blocked,
             "failure": self.recorder.failure,
             "needs_resync": state.needs_resync(self.state_dir),
             "journal": {
@@ -222,21 +229,28 @@ class PrimaryDaemon:
         return {"status": word}
 
     async def _janitor(self) -> None:
-        """Save acked seqs; drop segments every target has acked; trim the lag index."""
+        """Save acked seqs; drop segments every target has acked (or, without targets,
+        that are durable); wake changes waiting for room; trim the lag index."""
         assert self.recorder is not None
         saved: dict[str, int] = {}
         journal_dir = paths.journal_dir(self.state_dir)
         while True:
-            await trio.sleep(JANITOR_INTERVAL_S)
+            with trio.move_on_after(JANITOR_INTERVAL_S):
+                await self.recorder.wait_blocking()
+            if self.recorder.blocked and not self.shippers and not self.recorder.writer.failed:
+                with contextlib.suppress(JournalError):  # the recorder went failsafe and logged why
+                    await self.recorder.sync_all()  # what is durable can go at once
             for sh in self.shippers:
                 if saved.get(sh.name) != sh.acked_seq:
                     _write_acked(self.state_dir, sh.name, sh.acked_seq)
                     saved[sh.name] = sh.acked_seq
-            low = min(sh.acked_seq for sh in self.shippers)
+            # Without targets, nobody needs ops once they are durable here.
+            low = min(sh.acked_seq for sh in self.shippers) if self.shippers else self.recorder.writer.durable_seq
             if low > 0:
                 dropped = await trio.to_thread.run_sync(drop_segments_before, journal_dir, low + 1)
                 if dropped:
-                    log.info("dropped %d journal segment(s) acked by every target", dropped)
+                    log.info("dropped %d journal segment(s) no target needs any more", dropped)
+                    self.recorder.segments_dropped()
                 self.recorder.forget_before(low + 1)
 
 

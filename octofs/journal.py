@@ -487,6 +487,16 @@ class JournalWriter:
             self._dirty_paths.append(self._seg_path)
         return seq
 
+    def room(self) -> int | None:
+        """Bytes that may still be appended under ``max_total_bytes`` (None: no limit). An estimate from below."""
+        if self._max_total_bytes is None:
+            return None
+        return self._max_total_bytes - self._total_bytes
+
+    def recount(self) -> None:
+        """Recount the journal's size from its segment files (after segments were dropped)."""
+        self._total_bytes = sum(s.size_bytes for s in list_segments(self._dir))
+
     def _check_room(self, needed: int) -> None:
         limit = self._max_total_bytes
         if limit is None or self._total_bytes + needed <= limit:

@@ -41,8 +41,16 @@ class Recorder:
         failure: the message of the first journal failure, for status.
     """
 
-    def __init__(self, writer: JournalWriter, on_failure: Callable[[str], None] | None = None) -> None:
+    def __init__(self, writer: JournalWriter, on_failure: Callable[[str], None] | None = None, *,
+                 when_full: str = "block", headroom_bytes: int = 32 * 2**20) -> None:
         self.writer = writer
+        self.when_full = when_full
+        # With when_full=block, changes wait before their syscall once less than this
+        # is left, so that the ops of the changes already admitted still fit.
+        self.headroom_bytes = headroom_bytes
+        self.blocked = 0  # changes waiting for room in the journal right now
+        self._room_changed = trio.Event()
+        self._blocking = trio.Event()  # set when a change starts waiting: wakes the janitor
         self.failsafe = False
         self.failure: str | None = None
         self._on_failure = on_failure
@@ -68,6 +76,44 @@ class Recorder:
         self._appended.set()
         self._appended = trio.Event()
         return seq
+
+    def full(self) -> bool:
+        room = self.writer.room()
+        return room is not None and room < self.headroom_bytes
+
+    async def wait_for_room(self) -> None:
+        """With when_full=block: wait (before the syscall) until the journal has room again.
+
+        Nothing is lost and nothing fails: the application's change simply waits until
+        the targets have acked enough for whole segments to be dropped (DESIGN
+        invariant 4). With when_full=resync the change goes ahead and, if the journal
+        overflows, the vault goes failsafe and is marked for resync.
+        """
+        if self.when_full != "block" or not self.full():
+            return
+        self.blocked += 1
+        self._blocking.set()
+        if self.blocked == 1:
+            log.warning("journal is full (%d bytes): changes wait until the targets catch up",
+                        self.writer.statistics().bytes)
+        try:
+            while self.full():
+                await self._room_changed.wait()
+        finally:
+            self.blocked -= 1
+        if self.blocked == 0:
+            log.info("journal has room again: changes resume")
+
+    async def wait_blocking(self) -> None:
+        """Wait until some change is waiting for room (for the janitor)."""
+        await self._blocking.wait()
+        self._blocking = trio.Event()
+
+    def segments_dropped(self) -> None:
+        """Called after journal segments were deleted: recount and wake waiting changes."""
+        self.writer.recount()
+        self._room_changed.set()
+        self._room_changed = trio.Event()
 
     def age_of(self, seq: int) -> float:
         """Seconds since op ``seq`` was appended (an upper bound, within INDEX_INTERVAL_NS)."""

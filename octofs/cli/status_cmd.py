@@ -168,7 +168,14 @@ def run(args: argparse.Namespace) -> int:
             why = v["needs_resync"]
             problem = (problem + "; " if problem else "") + ("needs resync" if problem and problem in why
                                                              else f"needs resync: {why}")
-        st = "FAILSAFE (read-only)" if v.get("failsafe") else ("ok" if v["daemon"] == "running" else "daemon not running")
+        if v.get("failsafe"):
+            st = "FAILSAFE (read-only)"
+        elif v.get("blocked_changes"):
+            st = f"BLOCKED: journal full, {v['blocked_changes']} change(s) waiting for the targets"
+        elif v.get("journal_full"):
+            st = "journal full"
+        else:
+            st = "ok" if v["daemon"] == "running" else "daemon not running"
         table.add_row(
             str(v.get("vault") or "?"), v["mountpoint"], st, str(v.get("forwarding", "-")),
             str(j.get("last_seq", "-")), str(j.get("durable_seq", "-")),

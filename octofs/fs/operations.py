@@ -241,7 +241,13 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
                 st = os.lstat(abs_path)
         return st
 
-    def _check_writable(self) -> None:
+    async def _admit(self) -> None:
+        """Before a change's syscall: refuse it in failsafe, or wait while the journal is full.
+
+        This is the only ``await`` a mutating handler may have before its syscall;
+        there is none between the syscall and the append (docs/CONCURRENCY.md §2).
+        """
+        await self.recorder.wait_for_room()
         if self.recorder.failsafe:
             # EROFS, not EIO: the disk is fine, the vault refuses changes it cannot journal.
             raise FUSEError(errno.EROFS)
@@ -360,7 +366,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         return self._attrs(node, self._stat_node(node))
 
     async def setattr(self, inode, attr, fields, fh, ctx):
-        self._check_writable()
+        await self._admit()
         node = self.inodes.get(inode)
         if node is None:
             raise FUSEError(errno.ESTALE)
@@ -458,7 +464,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
     # -- creating and removing names ------------------------------------------
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        self._check_writable()
+        await self._admit()
         parent_rel = self._path(parent_inode)
         rel = self._child(parent_inode, name)
         path = self._abs(rel)
@@ -470,7 +476,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         return self._new_entry(parent_inode, name, st)
 
     async def mkdir(self, parent_inode, name, mode, ctx):
-        self._check_writable()
+        await self._admit()
         parent_rel = self._path(parent_inode)
         rel = self._child(parent_inode, name)
         path = self._abs(rel)
@@ -482,7 +488,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         return self._new_entry(parent_inode, name, st)
 
     async def symlink(self, parent_inode, name, target, ctx):
-        self._check_writable()
+        await self._admit()
         parent_rel = self._path(parent_inode)
         rel = self._child(parent_inode, name)
         path = self._abs(rel)
@@ -493,7 +499,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         return self._new_entry(parent_inode, name, st)
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        self._check_writable()
+        await self._admit()
         src = self._path(inode)
         rel = self._child(new_parent_inode, new_name)
         # An included name of the source, looked for before the link exists (the
@@ -511,7 +517,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         return self._new_entry(new_parent_inode, new_name, st)
 
     async def unlink(self, parent_inode, name, ctx):
-        self._check_writable()
+        await self._admit()
         rel = self._child(parent_inode, name)
         _passthrough(os.unlink, self._abs(rel))
         if not self._excluded(rel, False):
@@ -521,7 +527,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         self._keep_journaled(node)
 
     async def rmdir(self, parent_inode, name, ctx):
-        self._check_writable()
+        await self._admit()
         rel = self._child(parent_inode, name)
         path = self._abs(rel)
         node = self.inodes.entry(parent_inode, name)
@@ -548,7 +554,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
             node.fds.add(held)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        self._check_writable()
+        await self._admit()
         old = self._child(parent_inode_old, name_old)
         new = self._child(parent_inode_new, name_new)
         a_node = self.inodes.entry(parent_inode_old, name_old)
@@ -587,7 +593,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         # so it is journaled whatever the access mode.
         trunc = bool(flags & os.O_TRUNC)
         if writing or trunc:
-            self._check_writable()
+            await self._admit()
         rel = self._path(inode)
         fd = _passthrough(os.open, self._abs(rel), (flags & ~_STRIP_FLAGS) | os.O_CLOEXEC)
         jrel = self._jpath(node, rel) if trunc else None
@@ -598,7 +604,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fd)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
-        self._check_writable()
+        await self._admit()
         parent_rel = self._path(parent_inode)
         rel = self._child(parent_inode, name)
         path = self._abs(rel)
@@ -622,7 +628,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         return _passthrough(os.pread, fh, size, off)
 
     async def write(self, fh, off, buf):
-        self._check_writable()
+        await self._admit()
         node = self._fh_node[fh]
         n = _passthrough(os.pwrite, fh, buf, off)
         rel = self.inodes.path(node.ino)
@@ -741,7 +747,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         return next(iter(node.fds)), {}, None
 
     async def setxattr(self, inode, name, value, ctx):
-        self._check_writable()
+        await self._admit()
         target, kw, rel = self._xattr_target(inode)
         _passthrough(os.setxattr, target, name, value, **kw)
         if rel is not None and (rel := self._jpath(self.inodes[inode], rel)) is not None:
@@ -756,7 +762,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         return [os.fsencode(n) for n in _passthrough(os.listxattr, target, **kw)]
 
     async def removexattr(self, inode, name, ctx):
-        self._check_writable()
+        await self._admit()
         target, kw, rel = self._xattr_target(inode)
         _passthrough(os.removexattr, target, name, **kw)
         if rel is not None and (rel := self._jpath(self.inodes[inode], rel)) is not None:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.fuse
 
 
 def test_journal_full_goes_failsafe(tmp_path: Path) -> None:
-    vault = write_vault_yaml(tmp_path, extra={"journal": {"max_size": "256KiB"}})
+    vault = write_vault_yaml(tmp_path, extra={"journal": {"max_size": "256KiB", "when_full": "resync"}})
     with mounted(vault) as m:
         f = m.mnt / "big"
         fd = os.open(f, os.O_CREAT | os.O_WRONLY, 0o644)
@@ -65,3 +65,28 @@ def test_journal_full_goes_failsafe(tmp_path: Path) -> None:
         (m.mnt / "after").write_bytes(b"ok")
         v = json.loads(run_octofs("status", "--json", str(m.mnt)).stdout)["vaults"][0]
         assert v["failsafe"] is False and v["needs_resync"]
+
+
+def test_journal_full_blocks_then_continues(tmp_path: Path) -> None:
+    """when_full: block (the default): a full journal makes changes wait, never fail.
+
+    Without targets, ops are no longer needed once durable, so the janitor drops
+    whole segments and the waiting changes go on; the journal stays bounded.
+    """
+    vault = write_vault_yaml(tmp_path, extra={"journal": {"max_size": "1MiB"}})
+    with mounted(vault) as m:
+        chunk = os.urandom(64 * 1024)
+        with open(m.mnt / "stream", "wb") as f:
+            for i in range(80):  # 5 MiB through a 1 MiB journal
+                f.write(chunk)
+                f.flush()
+                if i % 8 == 7:
+                    os.fsync(f.fileno())
+        assert (m.mnt / "stream").stat().st_size == 80 * len(chunk)
+        v = json.loads(run_octofs("status", "--json", str(m.mnt)).stdout)["vaults"][0]
+        assert v["failsafe"] is False and v["needs_resync"] is None
+        assert v["journal"]["bytes"] <= 1024 * 1024
+        assert v["journal"]["first_seq"] > 1  # segments were dropped
+    assert m.proc.returncode == 0
+    log = m.log_path.read_text()
+    assert "journal is full" in log and "changes resume" in log
