@@ -30,7 +30,7 @@ from octofs.control import ControlRequestError, serve_control
 from octofs.errors import ConfigValueError, JournalError
 from octofs.fs.mount import mount_options, open_mount, serve_mount, terminate
 from octofs.fs.operations import PassthroughOperations
-from octofs.journal import JournalWriter, drop_segments_before
+from octofs.journal import JournalReader, JournalWriter, drop_segments_before
 from octofs.recorder import Recorder
 from octofs.shipper import Forwarding, Shipper
 
@@ -134,6 +134,7 @@ class PrimaryDaemon:
                 journal_dir=paths.journal_dir(self.state_dir), recorder=self.recorder,
                 forwarding=self.forwarding, acked_seq=_read_acked(self.state_dir, t.name),
             ))
+        self._seed_lag_index()
         options = mount_options(str(self.state_dir), allow_other=cfg.allow_other)
         async with open_mount(self.ops, self.mountpoint, options):
             log.info("vault %s mounted on %s (backing %s)", cfg.vault, self.mountpoint, cfg.backing)
@@ -153,7 +154,23 @@ class PrimaryDaemon:
                 log.info("filesystem unmounted, shutting down")
                 nursery.cancel_scope.cancel()
             with trio.CancelScope(shield=True):
-                await self.recorder.sync_all()
+                with contextlib.suppress(JournalError):  # failsafe: already logged
+                    await self.recorder.sync_all()
+            for sh in self.shippers:  # so that status after a remount starts from the truth
+                _write_acked(self.state_dir, sh.name, sh.acked_seq)
+
+    def _seed_lag_index(self) -> None:
+        """Tell the recorder when the oldest op each target still lacks was journaled (before this mount)."""
+        assert self.recorder is not None
+        last = self.recorder.writer.last_seq
+        for seq in sorted({sh.acked_seq + 1 for sh in self.shippers if sh.acked_seq < last}):
+            try:
+                rec = next(JournalReader(paths.journal_dir(self.state_dir)).records(seq), None)
+            except JournalError as exc:  # e.g. dropped: the target needs a resync; the shipper will say so
+                log.debug("cannot read seq %d back for the lag index: %s", seq, exc)
+                continue
+            if rec is not None:
+                self.recorder.note_append_time(rec.seq, rec.time_ns)
 
     async def _flush_periodically(self) -> None:
         assert self.recorder is not None

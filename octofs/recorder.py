@@ -122,6 +122,14 @@ class Recorder:
             return 0.0
         return max(0.0, (time.time_ns() - self._index_times[i]) / 1e9)
 
+    def note_append_time(self, seq: int, time_ns: int) -> None:
+        """Add a known (seq, append time) to the index, e.g. read back from the journal at startup."""
+        i = bisect.bisect_left(self._index_seqs, seq)
+        if i < len(self._index_seqs) and self._index_seqs[i] == seq:
+            return
+        self._index_seqs.insert(i, seq)
+        self._index_times.insert(i, time_ns)
+
     def forget_before(self, seq: int) -> None:
         """Drop index entries no target needs any more (all acked beyond ``seq``)."""
         i = bisect.bisect_right(self._index_seqs, seq) - 1
@@ -144,12 +152,17 @@ class Recorder:
                     ticket = writer.begin_sync()
                     if ticket is None:
                         return
-                    try:
-                        await trio.to_thread.run_sync(JournalWriter.run_sync, ticket)
-                    finally:
-                        # Always hand the ticket back: after a failed fsync the writer
-                        # marks itself failed (a retried fsync after EIO can lie).
-                        writer.finish_sync(ticket)
+                    # Shielded: once a ticket is taken, its fsync must run to the end and
+                    # the ticket be handed back, even if the task that asked is cancelled
+                    # (a shipper whose link dropped); otherwise the writer would keep a
+                    # sync "in flight" forever and refuse every later one.
+                    with trio.CancelScope(shield=True):
+                        try:
+                            await trio.to_thread.run_sync(JournalWriter.run_sync, ticket)
+                        finally:
+                            # Always hand the ticket back: after a failed fsync the writer
+                            # marks itself failed (a retried fsync after EIO can lie).
+                            writer.finish_sync(ticket)
                 except JournalError as exc:
                     self.fail(f"fsync of the journal failed: {exc}")
                     raise

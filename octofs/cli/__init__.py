@@ -39,7 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        # argparse does not intermix positionals with options (`forward off --json VAULT`):
+        # a command that takes a list of words (``extra_words``) gets the stragglers.
+        if getattr(args, "extra_words", None) and not any(e.startswith("-") for e in extras):
+            getattr(args, args.extra_words).extend(extras)
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
     common.setup_logging(args)
     try:
         return int(args.func(args) or 0)

@@ -65,11 +65,18 @@ def print_target(doc: dict[str, Any]) -> None:
 def find_vault(which: str | None) -> tuple[Path, str]:
     """(state dir, vault name) of a mounted vault named by name or mountpoint, or the only one."""
     entries = octofs_mounts()
+
+    def name_of(state_dir: Path, fallback: str) -> str:
+        try:
+            return str(request(paths.control_socket_path(state_dir), "status", io_timeout_s=5).get("vault") or fallback)
+        except DaemonNotRunningError:
+            return fallback
+
     if which is not None:
         mp = Path(os.path.abspath(which))
         for e in entries:
             if e.mountpoint == mp:
-                return Path(e.source), which
+                return Path(e.source), name_of(Path(e.source), which)
         for e in entries:
             try:
                 reply = request(paths.control_socket_path(Path(e.source)), "status", io_timeout_s=5)
@@ -80,7 +87,7 @@ def find_vault(which: str | None) -> tuple[Path, str]:
         raise NotMountedError(mountpoint=which)
     if len(entries) != 1:
         raise UsageError(detail=f"{len(entries)} vaults are mounted: name one (by vault name or mountpoint)")
-    return Path(entries[0].source), entries[0].mountpoint.name
+    return Path(entries[0].source), name_of(Path(entries[0].source), str(entries[0].mountpoint))
 
 
 def wait_synced(mountpoints: list[str], seq: int, timeout_s: float) -> int:

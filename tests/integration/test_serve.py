@@ -6,13 +6,11 @@ need neither FUSE nor a journal.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import struct
-import subprocess
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ import pytest
 from octofs import apply, codec, control, protocol
 from octofs.ops import CreateOp, FsyncOp, LinkOp, Record, RenameOp, WriteOp
 from octofs.replica import control_socket_path
-from tests.support.daemons import REPO, octofs_cmd, run_octofs
+from tests.support.daemons import Serve, run_octofs, serving
 from tests.support.trees import tree_snapshot
 
 SECRET = b"s3cret"
@@ -51,53 +49,6 @@ def expected_tree(recs: list[Record], dest: Path) -> dict:
     finally:
         os.close(fd)
     return tree_snapshot(dest)
-
-
-class Serve:
-    """An `octofs serve` subprocess with its ready file and log."""
-
-    def __init__(self, tmp_path: Path, root: Path, secret_file: Path) -> None:
-        self.tmp_path, self.root, self.secret_file = tmp_path, root, secret_file
-        self.proc: subprocess.Popen | None = None
-        self.log_path = tmp_path / "serve.log"
-        self.address: tuple[str, int] | None = None
-
-    def start(self, user: int | None = None) -> None:
-        ready = self.tmp_path / "ready.json"
-        ready.unlink(missing_ok=True)
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen(
-                octofs_cmd("serve", "--root", str(self.root), "--listen", "127.0.0.1:0",
-                           "--secret-file", str(self.secret_file), "--ready-file", str(ready)),
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env, user=user, cwd="/")
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert self.proc.poll() is None, f"serve exited with {self.proc.returncode}:\n{self.log()}"
-            assert time.monotonic() < deadline, f"serve not ready after 30 s:\n{self.log()}"
-            time.sleep(0.02)
-        info = json.loads(ready.read_text())
-        assert info["pid"] == self.proc.pid
-        host, _, port = info["listen"].rpartition(":")
-        self.address = (host, int(port))
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self, signum: int = signal.SIGTERM) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signum)
-        return self.proc.wait(timeout=30)
-
-    def cleanup(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
 
 
 class SyncPrimary:
@@ -144,16 +95,11 @@ class SyncPrimary:
 
 
 @pytest.fixture
-def serve(tmp_path: Path):
-    root = tmp_path / "r"
-    root.mkdir()
+def serve(tmp_path: Path) -> Iterator[Serve]:
     secret = tmp_path / "secret"
     secret.write_bytes(SECRET + b"\n")
-    s = Serve(tmp_path, root, secret)
-    try:
+    with serving(tmp_path / "r", secret, workdir=tmp_path, start=False) as s:
         yield s
-    finally:
-        s.cleanup()
 
 
 def position(root: Path) -> tuple[int, int]:
@@ -251,8 +197,8 @@ async def _ship(tmp_path: Path, *, restart_target: bool) -> None:
     """The contract between shipper.py and replayer.py: handshake, acks, and (optionally) a reconnect."""
     import trio
 
-    from octofs.recorder import Recorder
     from octofs.journal import JournalWriter
+    from octofs.recorder import Recorder
     from octofs.replayer import serve_target
     from octofs.shipper import Forwarding, Shipper
 
