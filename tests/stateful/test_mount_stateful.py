@@ -1,6 +1,7 @@
-"""Random operation sequences through a real mount; the journal replays to the backing dir (issue 2, done-means 2).
+"""Random operation sequences through a real mount; the journal replays to the backing dir (issue 2,
+done-means 2), and a real target converges to it byte for byte after ``--wait-synced`` (issue 3, done-means 1).
 
-One ``octofs mount`` subprocess serves every Hypothesis example (blocking file I/O
+One ``octofs mount`` subprocess, replicating to one ``octofs serve`` on 127.0.0.1, serves every Hypothesis example (blocking file I/O
 on the mount is safe: the daemon is another process). The rules make real
 syscalls on the mount: writes at random offsets (some large enough to be split into
 several FUSE writes, some with O_APPEND or O_SYNC, some through a shared mmap, some
@@ -58,7 +59,7 @@ from hypothesis.stateful import (
 )
 
 from octofs.ops import RENAME_EXCHANGE, RENAME_NOREPLACE
-from tests.support.daemons import MountHandle, mounted, write_vault_yaml
+from tests.support.daemons import MountHandle, mounted, serving, write_vault_yaml
 from tests.support.fuse import is_octofs_mounted
 from tests.support.stateful_helpers import IncrementalReplica, empty_tree, fs_identity, renameat2, show_record
 from tests.support.trees import diff_snapshots, tree_snapshot
@@ -167,8 +168,9 @@ class MountDied(BaseException):
 class Harness:
     """What outlives one example: the mount, the replica and the fds to close."""
 
-    def __init__(self, handle: MountHandle, replica: Path) -> None:
+    def __init__(self, handle: MountHandle, replica: Path, target_dir: Path) -> None:
         self.handle = handle
+        self.target_dir = target_dir  # the target's copy of the vault (octofs serve on 127.0.0.1)
         self.mnt = handle.mnt
         self.mnt_b = os.fsencode(os.path.realpath(handle.mnt))
         self.backing = handle.backing
@@ -271,6 +273,13 @@ class MountMachine(RuleBasedStateMachine):
         return fd
 
     def _compare_replica(self, when: str) -> None:
+        # Replication (issue 3): after the barrier, the target's copy is the backing dir.
+        self.h.handle.wait_synced(60)
+        target_lines = diff_snapshots(tree_snapshot(self.h.backing, mtime=True),
+                                      tree_snapshot(self.h.target_dir, mtime=True))
+        if target_lines:
+            raise AssertionError(f"{when}: after --wait-synced the target differs (a=backing, b=target):\n"
+                                 + "\n".join(target_lines[:60]))
         self.h.replica.catch_up()
         lines = diff_snapshots(tree_snapshot(self.h.backing, mtime=True),
                                tree_snapshot(self.h.replica.path, mtime=True))
@@ -701,8 +710,12 @@ def _settings() -> settings:
 def harness(tmp_path: Path) -> Iterator[Harness]:
     replica = tmp_path / "replica"
     replica.mkdir(mode=0o755)
-    with mounted(write_vault_yaml(tmp_path)) as handle:
-        h = Harness(handle, replica)
+    secret = tmp_path / "secret"
+    secret.write_text("stateful-test-secret\n")
+    with serving(tmp_path / "target", secret) as target, mounted(write_vault_yaml(tmp_path, extra={
+        "secret_file": str(secret), "targets": [{"name": "t", "address": target.address_str}],
+    })) as handle:
+        h = Harness(handle, replica, tmp_path / "target" / "vault")
         try:
             yield h
         finally:
