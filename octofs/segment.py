@@ -19,7 +19,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from octofs.codec import MAX_PAYLOAD_BYTES, decode_record
 from octofs.errors import JournalCorruptError, JournalVersionError, OpError
@@ -130,6 +130,25 @@ class ScanState:
         self.damage: tuple[int, str] | None = None
 
 
+def read_frame(read: Callable[[int], bytes]) -> tuple[bytes | None, str | None]:
+    """Read one record frame and payload with ``read``: ``(payload, None)`` if whole and CRC-valid,
+    ``(None, reason)`` at damage, ``(None, None)`` at a clean end of file."""
+    frame = read(RECORD_FRAME_SIZE)
+    if len(frame) < RECORD_FRAME_SIZE:
+        return None, (f"{len(frame)} bytes at the end, too short for a record frame" if frame else None)
+    magic, length, crc = _RECORD_FRAME.unpack(frame)
+    if magic != RECORD_MAGIC:
+        return None, f"bad record magic {magic!r}"
+    if not 0 < length <= MAX_PAYLOAD_BYTES:
+        return None, f"bad record length {length}"
+    payload = read(length)
+    if len(payload) < length:
+        return None, f"record of {length} bytes runs past the end of the segment"
+    if zlib.crc32(payload) != crc:
+        return None, "record CRC mismatch"
+    return payload, None
+
+
 def iter_records(f: BinaryIO, path: Path, state: ScanState) -> Iterator[Record]:
     """Yield the valid records of ``f`` from ``state.end`` (f is positioned there), updating ``state``.
 
@@ -141,25 +160,12 @@ def iter_records(f: BinaryIO, path: Path, state: ScanState) -> Iterator[Record]:
     offset = state.end
     next_seq = state.next_seq
     while True:
-        frame = read(RECORD_FRAME_SIZE)
-        if len(frame) < RECORD_FRAME_SIZE:
-            if frame:
-                state.damage = (offset, f"{len(frame)} bytes at the end, too short for a record frame")
+        payload, damage = read_frame(read)
+        if payload is None:
+            if damage is not None:
+                state.damage = (offset, damage)
             return
-        magic, length, crc = _RECORD_FRAME.unpack(frame)
-        if magic != RECORD_MAGIC:
-            state.damage = (offset, f"bad record magic {magic!r}")
-            return
-        if not 0 < length <= MAX_PAYLOAD_BYTES:
-            state.damage = (offset, f"bad record length {length}")
-            return
-        payload = read(length)
-        if len(payload) < length:
-            state.damage = (offset, f"record of {length} bytes runs past the end of the segment")
-            return
-        if zlib.crc32(payload) != crc:
-            state.damage = (offset, "record CRC mismatch")
-            return
+        length = len(payload)
         try:
             rec = decode_record(payload)
         except OpError as exc:
@@ -225,29 +231,15 @@ def scan_frames(path: Path, header: SegmentHeader) -> ScanState:
         f.seek(HEADER_SIZE)
         read = f.read
         while True:
-            frame = read(RECORD_FRAME_SIZE)
-            if len(frame) < RECORD_FRAME_SIZE:
-                if frame:
-                    state.damage = (offset, f"{len(frame)} bytes at the end, too short for a record frame")
-                break
-            magic, length, crc = _RECORD_FRAME.unpack(frame)
-            if magic != RECORD_MAGIC:
-                state.damage = (offset, f"bad record magic {magic!r}")
-                break
-            if not 0 < length <= MAX_PAYLOAD_BYTES:
-                state.damage = (offset, f"bad record length {length}")
-                break
-            payload = read(length)
-            if len(payload) < length:
-                state.damage = (offset, f"record of {length} bytes runs past the end of the segment")
-                break
-            if zlib.crc32(payload) != crc:
-                state.damage = (offset, "record CRC mismatch")
+            payload, damage = read_frame(read)
+            if payload is None:
+                if damage is not None:
+                    state.damage = (offset, damage)
                 break
             last = (offset, payload)
             if first is None:
                 first = last
-            offset += RECORD_FRAME_SIZE + length
+            offset += RECORD_FRAME_SIZE + len(payload)
             state.count += 1
     state.end = offset
     state.next_seq = header.first_seq + state.count

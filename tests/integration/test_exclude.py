@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from octofs.exclude import ExcludeFilter
 from octofs.journal import JournalReader
 from octofs.ops import WriteOp
 from tests.support.daemons import mounted, write_vault_yaml
 from tests.support.replay import replay_journal
-from tests.support.trees import diff_snapshots, tree_snapshot
+from tests.support.trees import diff_snapshots, snapshot_minus_excluded, tree_snapshot
 
 pytestmark = pytest.mark.fuse
 
@@ -42,25 +41,11 @@ def renameat2(old: Path, new: Path, flags: int) -> None:
         raise OSError(err, os.strerror(err), str(old))
 
 
-def minus_excluded(root: Path, patterns: list[str]) -> dict:
-    """``tree_snapshot(root)`` without the excluded paths (and without them in hard-link groups)."""
-    f = ExcludeFilter(patterns)
-    out = {}
-    for rel, entry in tree_snapshot(root, mtime=True).items():
-        if f.excluded(rel, entry.kind == "dir"):
-            continue
-        if entry.links is not None:
-            links = tuple(p for p in entry.links if not f.excluded(p))
-            entry = entry._replace(links=links if len(links) > 1 else None)
-        out[rel] = entry
-    return out
-
-
 def assert_replica_is_backing_minus_excluded(m, patterns: list[str]) -> Path:
     """Replay the whole journal into a fresh dir; it must equal the backing dir minus excluded paths."""
     replica = m.backing.parent / f"replica{next(_replicas)}"
     replay_journal(m.journal_dir, replica)
-    lines = diff_snapshots(minus_excluded(m.backing, patterns), tree_snapshot(replica, mtime=True))
+    lines = diff_snapshots(snapshot_minus_excluded(m.backing, patterns), tree_snapshot(replica, mtime=True))
     assert not lines, "replica differs from backing minus excluded (a=backing, b=replica):\n" + "\n".join(lines)
     return replica
 

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pytest
 
-from octofs.exclude import ExcludeFilter
 from octofs.journal import JournalReader
 from tests.support.daemons import (
     MountHandle,
@@ -38,7 +37,7 @@ from tests.support.daemons import (
     write_vault_yaml,
 )
 from tests.support.proxy import CuttingProxy
-from tests.support.trees import assert_trees_equal, diff_snapshots, tree_snapshot
+from tests.support.trees import assert_trees_equal, diff_snapshots, snapshot_minus_excluded, tree_snapshot
 
 pytestmark = pytest.mark.fuse
 
@@ -635,20 +634,6 @@ def test_status_during_a_stall(tmp_path: Path, secret: Path, target: Serve) -> N
 
 
 # -- 7. exclude over replication -----------------------------------------------------------------------
-
-
-def snapshot_minus_excluded(root: Path, patterns: list[str]) -> dict:
-    """``tree_snapshot(root, mtime=True)`` without excluded paths (nor their names in hard-link groups)."""
-    f = ExcludeFilter(patterns)
-    out = {}
-    for rel, entry in tree_snapshot(root, mtime=True).items():
-        if f.excluded(rel, entry.kind == "dir"):
-            continue
-        if entry.links is not None:
-            links = tuple(p for p in entry.links if not f.excluded(p))
-            entry = entry._replace(links=links if len(links) > 1 else None)
-        out[rel] = entry
-    return out
 
 
 def test_exclude_over_replication(tmp_path: Path, secret: Path, target: Serve) -> None:
