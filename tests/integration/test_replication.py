@@ -708,3 +708,47 @@ def test_wrong_secret_on_the_primary(tmp_path: Path, secret: Path, target: Serve
         v = target.vault_status("vault")
         assert (v["applied_seq"], v["connected"]) == (applied, False), v
     assert not (replica / "not-shipped").exists()
+
+
+# -- journal space: segments go once every target has acked them; a full journal waits -------------
+
+
+def test_acked_segments_dropped_and_full_journal_waits_for_target(tmp_path: Path, secret: Path,
+                                                                  target: Serve) -> None:
+    """A 1 MiB journal (128 KiB segments) carries 4 MiB of writes: while the target is down
+    the writer blocks (nothing fails, nothing is lost); when it returns, acked segments are
+    dropped, the writer resumes, and the copy converges."""
+    vault = vault_yaml(tmp_path / "p", secret, {"t1": target.address_str}, journal={"max_size": "1MiB"})
+    chunk = os.urandom(64 * 1024)
+    with mounted(vault) as m:
+        target.stop()
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def writer() -> None:
+            try:
+                with open(m.mnt / "stream", "wb") as f:
+                    for _ in range(64):  # 4 MiB
+                        f.write(chunk)
+                        f.flush()
+            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                errors.append(exc)
+            finally:
+                done.set()
+
+        t = threading.Thread(target=writer, daemon=True)
+        t.start()
+        v = wait_until(lambda: (s := m.status())["blocked_changes"] > 0 and s, timeout=60,
+                       what="the writer to block on the full journal")
+        assert v["journal_full"] and v["journal"]["bytes"] <= 1024 * 1024
+        assert not done.is_set()  # blocked, not failed
+        target.start()
+        assert done.wait(120), "the writer did not resume after the target came back"
+        t.join(10)
+        assert not errors, errors
+        m.wait_synced(SYNC_TIMEOUT_S)
+        v = wait_until(lambda: (s := m.status())["journal"]["first_seq"] > 1 and s, timeout=30,
+                       what="acked segments to be dropped")
+        assert v["journal"]["bytes"] <= 1024 * 1024 and v["blocked_changes"] == 0 and not v["failsafe"]
+    assert_trees_equal(m.backing, target.root / "vault", mtime=True)
+    assert (target.root / "vault" / "stream").stat().st_size == 64 * len(chunk)
