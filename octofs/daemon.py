@@ -32,7 +32,7 @@ from octofs.fs.mount import mount_options, open_mount, serve_mount, terminate
 from octofs.fs.operations import PassthroughOperations
 from octofs.journal import JournalReader, JournalWriter, drop_segments_before
 from octofs.recorder import Recorder
-from octofs.shipper import Forwarding, Shipper
+from octofs.shipper import Forwarding, Shipper, wait_sync_targets
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,13 @@ class PrimaryDaemon:
         os.umask(0)
         self.recorder = Recorder(writer, on_failure=self._on_journal_failure, when_full=cfg.journal.when_full,
                                  headroom_bytes=min(32 * 2**20, cfg.journal.max_size_bytes // 4))
-        self.ops = PassthroughOperations(os.fsencode(cfg.backing), self.recorder, exclude=cfg.exclude)
+        # Sync-mode targets are part of what an fsync waits for (DESIGN invariant 3).
+        replicated = None
+        if any(t.mode == "sync" for t in cfg.targets):
+            async def replicated(seq: int) -> None:
+                await wait_sync_targets(self.shippers, seq)
+        self.ops = PassthroughOperations(os.fsencode(cfg.backing), self.recorder, exclude=cfg.exclude,
+                                         replicated=replicated)
         secret = self._secret() if cfg.targets else b""
         vault_id = state.vault_id(self.state_dir)
         for t in cfg.targets:
@@ -133,6 +139,7 @@ class PrimaryDaemon:
                 epoch=state.read_epoch(self.state_dir), secret=secret, heartbeat_s=cfg.heartbeat_s,
                 journal_dir=paths.journal_dir(self.state_dir), recorder=self.recorder,
                 forwarding=self.forwarding, acked_seq=_read_acked(self.state_dir, t.name),
+                sync_timeout_s=t.sync_timeout_s, on_timeout=t.on_timeout,
             ))
         self._seed_lag_index()
         options = mount_options(str(self.state_dir), allow_other=cfg.allow_other)

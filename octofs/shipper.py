@@ -94,6 +94,9 @@ class TargetStatistics:
     bytes_sent: int
     reconnects: int
     owners: bool | None
+    sync_state: str  # "async"; for mode sync: "sync", or "degraded" after sync_timeout
+    sync_waiters: int  # fsyncs waiting for this target's durable ack right now
+    degraded_reason: str | None
 
 
 class _ForwardingOff(Exception):
@@ -134,6 +137,8 @@ class Shipper:
         recorder: Recorder,
         forwarding: Forwarding,
         acked_seq: int = 0,
+        sync_timeout_s: float = 5.0,
+        on_timeout: str = "degrade",
     ) -> None:
         self.name = name
         self.host = host
@@ -158,6 +163,10 @@ class Shipper:
         self._inflight: collections.deque[tuple[int, int]] = collections.deque()  # (seq, bytes) sent, unacked
         self._inflight_bytes = 0
         self._last_heard = 0.0
+        self.sync_timeout_s = sync_timeout_s
+        self.on_timeout = on_timeout
+        self.degraded_reason: str | None = None
+        self.sync_waiters = 0
 
     @property
     def address(self) -> str:
@@ -182,7 +191,35 @@ class Shipper:
             bytes_sent=self.bytes_sent,
             reconnects=self.reconnects,
             owners=self.owners,
+            sync_state="async" if self.mode != "sync" else ("degraded" if self.degraded_reason else "sync"),
+            sync_waiters=self.sync_waiters,
+            degraded_reason=self.degraded_reason,
         )
+
+    async def wait_sync_ack(self, seq: int) -> None:
+        """For an fsync in sync mode: wait until this target has made ``seq`` durable.
+
+        After ``sync_timeout_s`` without that ack the target degrades to async (the
+        fsync returns; status and the log say so) — unless ``on_timeout`` is
+        ``block``, in which case the application waits as long as it takes. A
+        degraded target becomes sync again by itself once it has caught up.
+        """
+        if self.mode != "sync" or self.degraded_reason is not None or self.acked_seq >= seq:
+            return
+        self.sync_waiters += 1
+        try:
+            if self.on_timeout == "block":
+                await self.wait_acked(seq)
+                return
+            with trio.move_on_after(self.sync_timeout_s):
+                await self.wait_acked(seq)
+                return
+            if self.degraded_reason is None:
+                self.degraded_reason = (f"no durable ack for seq {seq} within sync_timeout "
+                                        f"({self.sync_timeout_s:g} s): {self.last_error or self.state}")
+                log.warning("target %s degraded to async: %s", self.name, self.degraded_reason)
+        finally:
+            self.sync_waiters -= 1
 
     async def wait_acked(self, seq: int) -> None:
         """Return once the target has acked ``seq``."""
@@ -192,6 +229,9 @@ class Shipper:
     def _set_acked(self, seq: int) -> None:
         if seq > self.acked_seq:
             self.acked_seq = seq
+            if self.degraded_reason is not None and seq >= self._recorder.writer.last_seq:
+                self.degraded_reason = None
+                log.info("target %s caught up: sync mode resumed", self.name)
             while self._inflight and self._inflight[0][0] <= seq:
                 self._inflight_bytes -= self._inflight.popleft()[1]
             self._acked_changed.set()
@@ -391,3 +431,14 @@ def _refusal(msg: protocol.Error, peer: str) -> PeerError:
         return PeerVersionError(peer=peer, theirs=msg.message, ours=list(protocol.SUPPORTED_VERSIONS))
     return PeerError(peer=peer, reason=f"refused ({msg.code}): {msg.message}")
 
+
+
+async def wait_sync_targets(shippers: list[Shipper], seq: int) -> None:
+    """The replication half of an fsync (DESIGN invariant 3): every sync-mode target
+    has made ``seq`` durable, or has degraded to async. Targets are waited for side by side."""
+    waiting = [sh for sh in shippers if sh.mode == "sync" and sh.degraded_reason is None and sh.acked_seq < seq]
+    if not waiting:
+        return
+    async with trio.open_nursery() as nursery:
+        for sh in waiting:
+            nursery.start_soon(sh.wait_sync_ack, seq)

@@ -197,7 +197,9 @@ def run(args: argparse.Namespace) -> int:
             tt.add_column(col, justify="right" if col in ("acked seq", "pending ops", "lag s", "sent") else "left",
                           overflow="fold")
         for v, t in targets:
-            tt.add_row(str(v.get("vault")), t["name"], t["address"], t["mode"], t["state"], str(t["acked_seq"]),
-                       str(t["pending_ops"]), f"{t['lag_s']:.1f}", f"{t['bytes_sent']:,} B", t.get("last_error") or "")
+            mode = t["mode"] if t.get("sync_state") != "degraded" else "sync, DEGRADED to async"
+            tt.add_row(str(v.get("vault")), t["name"], t["address"], mode, t["state"], str(t["acked_seq"]),
+                       str(t["pending_ops"]), f"{t['lag_s']:.1f}", f"{t['bytes_sent']:,} B",
+                       t.get("degraded_reason") or t.get("last_error") or "")
         console.print(tt)
     return 0

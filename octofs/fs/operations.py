@@ -33,7 +33,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TypeVar
 
 import pyfuse3
@@ -145,8 +145,10 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         entry_timeout_s: float = 1.0,
         attr_timeout_s: float = 1.0,
         exclude: Sequence[str | bytes] = (),
+        replicated: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         super().__init__()
+        self._replicated = replicated
         self._root = os.path.abspath(backing_dir)
         st = os.lstat(self._root)
         self.inodes = InodeTable((st.st_dev, st.st_ino))
@@ -260,10 +262,14 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
             raise FUSEError(errno.EIO) from None
 
     async def _wait_durable(self, seq: int) -> None:
+        """Invariant 3: the op is durable in the journal and, if any target is in sync
+        mode, acked durably by it (or that target degraded to async after its timeout)."""
         try:
             await self.recorder.wait_durable(seq)
         except JournalError:
             raise FUSEError(errno.EIO) from None
+        if self._replicated is not None:
+            await self._replicated(seq)
 
     async def _sync_both(self, sync_backing: Callable[[], None], seq: int) -> None:
         """fsync the backing file and the journal (up to ``seq``) side by side, in threads.
