@@ -1,0 +1,50 @@
+"""scripts/bench (README "Benchmarks") must keep working: a quick run, one repetition, JSON out."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemons import REPO
+
+pytestmark = [pytest.mark.fuse, pytest.mark.slow]
+
+FSYNCING = {"seq-write-1m-fsync", "rand-write-4k-fsync", "sqlite-wal-full"}  # also run with a sync target
+WORKLOADS = {"seq-write-1m-fsync": "MiB/s", "rand-write-4k-fsync": "ops/s", "rand-write-4k-buffered": "ops/s",
+             "seq-read-1m-hot": "MiB/s", "small-files": "files/s", "sqlite-wal-full": "tx/s"}
+
+
+def test_bench_quick_json(tmp_path: Path) -> None:
+    work = tmp_path / "bench"
+    res = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--reps", "1", "--json",
+         "--workdir", str(work)],
+        check=False, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    doc = json.loads(res.stdout)  # stdout is exactly one JSON document
+    assert doc["reps"] == 1 and doc["quick"] is True
+    assert set(doc["workloads"]) == set(WORKLOADS)
+    for name, w in doc["workloads"].items():
+        assert w["unit"] == WORKLOADS[name], name
+        for key in ("native_median", "octofs_median", "ratio", "wait_synced_s_median"):
+            assert w[key] > 0, (name, key, w)
+        assert len(w["native_samples"]) == len(w["octofs_samples"]) == 1, name
+        assert all(x > 0 for x in w["native_samples"] + w["octofs_samples"]), name
+        assert w["wire_bytes_per_byte_written"] > 0, (name, w)
+        if name in FSYNCING:
+            assert w["sync_median"] > 0 and w["sync_ratio"] > 0 and len(w["sync_samples"]) == 1, (name, w)
+        else:
+            assert w["sync_median"] is None and w["sync_samples"] == [], (name, w)
+    assert "octofs vs native" in res.stderr  # the table still goes to stderr
+    # Nothing left mounted or running.
+    for side in ("async", "sync"):
+        assert not os.path.ismount(work / side / "mnt"), side
+        serve_pid = json.loads((work / side / "serve-ready.json").read_text())["pid"]
+        assert not Path(f"/proc/{serve_pid}").exists(), f"octofs serve ({side}) still running"
+    assert not any(str(work) in line for line in Path("/proc/mounts").read_text().splitlines())
