@@ -140,6 +140,21 @@ _renameat2 = _bind(
 _syncfs = _bind("syncfs", [ctypes.c_int])
 
 
+AT_FDCWD = -100
+
+
+def renameat2(src: bytes, dst: bytes, flags: int, *, src_dir_fd: int = AT_FDCWD, dst_dir_fd: int = AT_FDCWD) -> None:
+    """rename(2) with RENAME_NOREPLACE / RENAME_EXCHANGE flags; raises OSError.
+
+    A libc without renameat2 cannot express these flags: ENOSYS, never a plain
+    rename that would silently replace.
+    """
+    if _renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available in this libc", src)
+    if _renameat2(src_dir_fd, src, dst_dir_fd, dst, flags) != 0:
+        _raise_errno(src, dst)
+
+
 def _raise_errno(filename: bytes | None = None, filename2: bytes | None = None) -> NoReturn:
     """Raise the OSError (subclass) for the errno a ctypes call left behind."""
     err = ctypes.get_errno()
@@ -504,12 +519,11 @@ def _rename(root_fd: int, op: RenameOp, chown: bool | None) -> None:
         try:
             if op.flags == 0:
                 os.rename(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
-            elif _renameat2 is None:
-                # A libc without renameat2 cannot express these flags; refusing is
-                # honest, a plain rename would silently replace.
-                raise OSError(errno.ENOSYS, "renameat2 is not available in this libc", op.src)
-            elif _renameat2(src_fd, src_name, dst_fd, dst_name, op.flags) != 0:
-                _raise_errno(op.src, op.path)
+            else:
+                try:
+                    renameat2(src_name, dst_name, op.flags, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+                except OSError as exc:  # name the vault paths, not the last components
+                    raise type(exc)(exc.errno, exc.strerror, op.src, None, op.path) from None
         finally:
             if dst_fd != root_fd:
                 os.close(dst_fd)

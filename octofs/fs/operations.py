@@ -27,8 +27,6 @@ Invariants:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -40,6 +38,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
+from octofs.apply import renameat2
 from octofs.errors import JournalError
 from octofs.exclude import ExcludeFilter
 from octofs.fs.exclusion import ExclusionCapture
@@ -66,10 +65,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-_AT_FDCWD = -100
-
 # Flags we never pass to the backing open():
 # - O_APPEND: the kernel already turned an append into a write at the end offset;
 #   on Linux pwrite() on an O_APPEND fd ignores the offset, and the journal must
@@ -88,12 +83,6 @@ def _passthrough(fn: Callable[..., T], *args, **kwargs) -> T:
         return fn(*args, **kwargs)
     except OSError as exc:
         raise FUSEError(exc.errno) from None
-
-
-def _renameat2(old: bytes, new: bytes, flags: int) -> None:
-    if _libc.renameat2(_AT_FDCWD, old, _AT_FDCWD, new, flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 class _DirHandle:
@@ -566,7 +555,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         a_node = self.inodes.entry(parent_inode_old, name_old)
         b_node = self.inodes.entry(parent_inode_new, name_new)
         if flags:
-            _passthrough(_renameat2, self._abs(old), self._abs(new), flags)
+            _passthrough(renameat2, self._abs(old), self._abs(new), flags)
         else:
             _passthrough(os.rename, self._abs(old), self._abs(new))
         try:
