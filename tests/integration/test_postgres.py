@@ -1,4 +1,4 @@
-"""PostgreSQL on the mount, killed for real (issue 5, done-means 2).
+"""PostgreSQL on the mount, killed for real (issue 5, done-means 2 and 3).
 
 Debian's PostgreSQL runs as the ``postgres`` user with its data directory on a
 mount whose only target is in ``mode: sync``. A writer commits numbered
@@ -9,6 +9,10 @@ a copy of the target's data directory, recovers, must pass ``pg_amcheck``
 (every database, ``--heapallindexed``), hold a gap-free prefix 1..K of the
 transactions and — sync mode — every commit the writer saw acknowledged. The
 cycle repeats: remount, PostgreSQL recovers on the primary, numbering continues.
+
+Then the target itself is SIGKILLed and restarted during the workload, several
+times (``on_timeout`` degrade and block); once it has caught up, the primary side
+is killed as above and the same checks hold on the target's copy.
 
 Everything the ``postgres`` user touches lives in a fresh 0755 directory under
 /tmp (pytest's tmp dirs are 0700); the test removes it at the end. The server
@@ -34,6 +38,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemons import (
+    MountHandle,
     free_port,
     mounted,
     run_octofs,
@@ -303,25 +308,134 @@ def test_postgres_killed_with_the_primary(base: Path) -> None:
                 print(f"round {round_no}: {len(acknowledged)} commits acknowledged, {rows} on the target's copy "
                       f"({time.monotonic() - t0:.1f} s)")
                 assert rows >= len(acknowledged)
-            # A last clean mount: PostgreSQL recovers on the primary, passes pg_amcheck, shuts down cleanly,
-            # and the target converges to the very same tree.
+            m = _final_mount(vault, base, sock, ledger, copy_rows, target.root / "vault")
+            assert "degraded" not in m.log_path.read_text()
+        finally:
+            if pg is not None:
+                pg.reap(pg.kill_all())
+
+
+def _final_mount(vault: Path, base: Path, sock: Path, ledger: Path, copy_rows: int, replica: Path) -> MountHandle:
+    """A last clean mount: PostgreSQL recovers on the primary, passes pg_amcheck, shuts down cleanly,
+    and the target converges to the very same tree."""
+    pg: Postgres | None = None
+    with mounted(vault, base / "mnt") as m:
+        try:
+            pg = Postgres(m.mnt / "pgdata", sock, base / "postgres-final.log")
+            ids = [int(x) for x in pg.query("SELECT id FROM t ORDER BY id").split()]
+            assert ids == list(range(1, len(ids) + 1)) and len(ids) >= copy_rows
+            assert set(_ledger(ledger)) <= set(ids), "the primary lost acknowledged commits"
+            _amcheck(sock, "the primary")
+            pg.stop()
+            assert pg.proc.returncode == 0, pg.log()
+            pg = None
+            m.wait_synced(120)
+        finally:  # never unmount under a running server
+            if pg is not None:
+                pg.reap(pg.kill_all())
+    assert_trees_equal(m.backing, replica, mtime=True)
+    return m
+
+
+def _initdb(datadir: Path) -> None:
+    r = _as_postgres([str(PGBIN / "initdb"), "-D", str(datadir), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                      "--locale=C.UTF-8"], timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+TARGET_KILLS = 3
+
+
+@pytest.mark.parametrize("on_timeout", ["degrade", "block"])
+def test_postgres_target_killed_during_sync_workload(base: Path, on_timeout: str) -> None:
+    """Done-means 3: the target SIGKILLed and restarted during the workload, several times.
+
+    ``degrade``: commits go on while the target is down (it degrades after ``sync_timeout``)
+    and it catches up from the journal when it returns. ``block``: commits wait for it. Each
+    time it must catch up and sync mode resume. Then the postmaster and the primary's daemon
+    are SIGKILLed together in the middle of a commit, and the target's copy must recover,
+    pass pg_amcheck, hold a gap-free prefix and every acknowledged commit.
+    """
+    rng = random.Random(SEED)
+    print(f"OCTOFS_TEST_SEED={SEED}")
+    secret = base / "secret"
+    secret.write_text(os.urandom(16).hex() + "\n")
+    secret.chmod(0o600)
+    ledger = base / "ledger"
+    (base / "p").mkdir()
+    with serving(base / "target", secret, workdir=base, port=free_port()) as target:
+        vault = write_vault_yaml(base / "p", extra={
+            "secret_file": str(secret), "allow_other": True,
+            "targets": [{"name": "t1", "address": target.address_str, "mode": "sync", "sync_timeout": "1s",
+                         "on_timeout": on_timeout}]})
+        sock = _postgres_dir(base / "sock", 0o755)
+        pg: Postgres | None = None
+        try:
             with mounted(vault, base / "mnt") as m:
                 try:
-                    pg = Postgres(m.mnt / "pgdata", sock, base / "postgres-final.log")
-                    ids = [int(x) for x in pg.query("SELECT id FROM t ORDER BY id").split()]
-                    assert ids == list(range(1, len(ids) + 1)) and len(ids) >= copy_rows
-                    assert set(_ledger(ledger)) <= set(ids), "the primary lost acknowledged commits"
-                    _amcheck(sock, "the primary")
-                    pg.stop()
-                    assert pg.proc.returncode == 0, pg.log()
+                    datadir = _postgres_dir(m.mnt / "pgdata")
+                    _initdb(datadir)
+                    pg = Postgres(datadir, sock, base / "postgres.log")
+                    pg.query("CREATE TABLE t (id integer PRIMARY KEY, body text NOT NULL)")
+                    writer = Writer(pg, 1, ledger)
+                    writer.start()
+
+                    def commits(n: int, what: str) -> None:
+                        goal = writer.acked + n
+                        wait_until(lambda: writer.acked >= goal or not writer.is_alive(), timeout=120,
+                                   what=f"{n} {what}")
+                        assert writer.is_alive(), f"the writer stopped: {writer.error}\n{pg.log()}"
+
+                    for kill_no in range(TARGET_KILLS):
+                        commits(rng.randint(20, 60), "commits")
+                        time.sleep(rng.random() * 0.2)  # kill in the middle of some commit's replay
+                        applied = target.applied_seq("vault")
+                        target.kill()
+                        if on_timeout == "degrade":
+                            wait_until(lambda: m.target_status("t1")["sync_state"] == "degraded", timeout=30,
+                                       what="the target to degrade to async")
+                            commits(10, "commits while the target is down")  # the application goes on
+                        else:
+                            wait_until(lambda: (t := m.target_status("t1"))["state"] != "connected"
+                                       and t["sync_waiters"] > 0, timeout=30,
+                                       what="a commit waiting for the unreachable target")
+                            assert m.target_status("t1")["sync_state"] == "sync"
+                        target.start()
+                        t = wait_until(lambda: (t := m.target_status("t1"))["sync_state"] == "sync"
+                                       and t["state"] == "connected" and t, timeout=90,
+                                       what="the target to catch up and sync mode to resume")
+                        print(f"kill {kill_no}: target had applied seq {applied}; back at {t['acked_seq']}, "
+                              f"{writer.acked} commits acknowledged")
+                    commits(rng.randint(10, 40), "commits in sync mode again")
+                    m.wait_synced(90)
+                    assert m.target_status("t1")["sync_state"] == "sync"
+                    time.sleep(rng.random() * 0.2)  # kill in the middle of some commit
+                    kids = _children(pg.proc.pid)
+                    os.kill(m.proc.pid, signal.SIGKILL)
+                    kids += pg.kill_all()
+                    writer.join(60)
+                    assert not writer.is_alive(), "the writer is stuck"
+                    pg.reap(kids)
                     pg = None
-                    m.wait_synced(120)
-                    assert "degraded" not in m.log_path.read_text()
+                    m.proc.wait(10)
+                    assert run_octofs("umount", str(m.mnt)).returncode == 0  # the stale mount
                 finally:  # never unmount under a running server
                     if pg is not None:
                         pg.reap(pg.kill_all())
                         pg = None
-            assert_trees_equal(m.backing, target.root / "vault", mtime=True)
+            # The target dies too (nothing it had received can land during the copy), and comes back for the end.
+            target.kill()
+            acknowledged = _ledger(ledger)
+            rows = _check_copy(target.root / "vault" / "pgdata", base, 0, acknowledged)
+            print(f"{len(acknowledged)} commits acknowledged, {rows} on the target's copy")
+            assert rows >= len(acknowledged) >= TARGET_KILLS * 20
+            target.start()
+            m = _final_mount(vault, base, sock, ledger, rows, target.root / "vault")
+            log = m.log_path.read_text()
+            if on_timeout == "degrade":
+                assert log.count("caught up: sync mode resumed") >= TARGET_KILLS, log[-4000:]
+            else:
+                assert "degraded" not in log, log[-4000:]
         finally:
             if pg is not None:
                 pg.reap(pg.kill_all())
