@@ -77,6 +77,7 @@ from octofs.ops import (
     MknodOp,
     Op,
     RemovexattrOp,
+    RemoveTreeOp,
     RenameOp,
     RmdirOp,
     SetattrOp,
@@ -548,6 +549,34 @@ def _link(root_fd: int, op: LinkOp, chown: bool | None) -> None:
             os.close(src_fd)
 
 
+def _remove_tree(parent_fd: int, name: bytes, op: RemoveTreeOp, chown: bool | None) -> None:
+    try:
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return  # already absent: the op's result holds
+    if stat.S_ISDIR(st.st_mode):
+        _empty_dir(parent_fd, name)
+        os.rmdir(name, dir_fd=parent_fd)
+    else:
+        os.unlink(name, dir_fd=parent_fd)
+
+
+def _empty_dir(parent_fd: int, name: bytes) -> None:
+    """Remove everything inside the directory ``name`` (never following a symlink)."""
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+    try:
+        for child in os.listdir(fd):
+            child_b = os.fsencode(child)
+            st = os.stat(child_b, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                _empty_dir(fd, child_b)
+                os.rmdir(child_b, dir_fd=fd)
+            else:
+                os.unlink(child_b, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
 _HANDLERS = {
     CreateOp: _create,
     MkdirOp: _mkdir,
@@ -563,4 +592,5 @@ _HANDLERS = {
     SetxattrOp: _setxattr,
     RemovexattrOp: _removexattr,
     FsyncOp: _fsync,
+    RemoveTreeOp: _remove_tree,
 }

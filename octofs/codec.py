@@ -54,6 +54,7 @@ from octofs.ops import (
     Op,
     Record,
     RemovexattrOp,
+    RemoveTreeOp,
     RenameOp,
     RmdirOp,
     SetattrOp,
@@ -135,6 +136,7 @@ OP_CODES: dict[type, int] = {
     SetxattrOp: 12,
     RemovexattrOp: 13,
     FsyncOp: 14,
+    RemoveTreeOp: 15,
 }
 
 OP_NAMES: dict[type, str] = {
@@ -152,6 +154,7 @@ OP_NAMES: dict[type, str] = {
     SetxattrOp: "setxattr",
     RemovexattrOp: "removexattr",
     FsyncOp: "fsync",
+    RemoveTreeOp: "removetree",
 }
 
 # Encoders build the whole payload map directly (no dataclasses.asdict: this runs once per FUSE write).
@@ -229,6 +232,10 @@ def _enc_fsync(s: int, w: int, op: FsyncOp) -> dict:
     return {"s": s, "w": w, "t": 14, "p": op.path, "ds": op.datasync}
 
 
+def _enc_removetree(s: int, w: int, op: RemoveTreeOp) -> dict:
+    return {"s": s, "w": w, "t": 15, "p": op.path}
+
+
 _ENCODERS: dict[type, Callable[[int, int, Any], dict]] = {
     CreateOp: _enc_create,
     MkdirOp: _enc_mkdir,
@@ -244,6 +251,7 @@ _ENCODERS: dict[type, Callable[[int, int, Any], dict]] = {
     SetxattrOp: _enc_setxattr,
     RemovexattrOp: _enc_removexattr,
     FsyncOp: _enc_fsync,
+    RemoveTreeOp: _enc_removetree,
 }
 
 # Decoders index the map directly; a missing required key raises KeyError, turned into OpError below.
@@ -264,6 +272,7 @@ _DECODERS: dict[int, Callable[[dict], Op]] = {
     12: lambda m: SetxattrOp(m["p"], m["n"], m["v"]),
     13: lambda m: RemovexattrOp(m["p"], m["n"]),
     14: lambda m: FsyncOp(m["p"], m.get("ds", False)),
+    15: lambda m: RemoveTreeOp(m["p"]),
 }
 
 def op_code(op: Op) -> int:

@@ -50,6 +50,7 @@ DEFAULT_LISTEN_HOST = "0.0.0.0"
 DEFAULT_SYNC_TIMEOUT_S = 5.0
 DEFAULT_JOURNAL_MAX_SIZE = 8 * 1024**3
 DEFAULT_HEARTBEAT_S = 15.0
+DEFAULT_METRICS_PORT = 9108  # the Prometheus exporter port most often left free for such daemons
 STATE_DIR_SUFFIX = ".octofs"
 
 MODES = ("async", "sync")
@@ -124,6 +125,7 @@ class VaultConfig:
         targets: the targets, in file order; may be empty.
         heartbeat_s: ``failover.heartbeat``, seconds between heartbeats.
         allow_other: mount with FUSE ``allow_other``.
+        metrics: ``(host, port)`` of the Prometheus endpoint, or None (off).
     """
 
     path: Path
@@ -137,6 +139,7 @@ class VaultConfig:
     targets: tuple[TargetConfig, ...]
     heartbeat_s: float
     allow_other: bool
+    metrics: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,8 @@ class ServeConfig:
         discovery: whether to answer ``octofs discover`` on the local network.
         takeover_hooks: commands to run, in order, when this target takes over.
         path: the SERVE.yaml file, absolute, or None when there was none.
+        name: the name ``octofs discover`` shows, or None for the host name.
+        metrics: ``(host, port)`` of the Prometheus endpoint, or None (off).
     """
 
     root: Path
@@ -160,6 +165,8 @@ class ServeConfig:
     discovery: bool
     takeover_hooks: tuple[str, ...]
     path: Path | None
+    name: str | None = None
+    metrics: tuple[str, int] | None = None
 
 
 # -- sizes and durations ------------------------------------------------------
@@ -704,6 +711,7 @@ _VAULT_KEYS = (
     "targets",
     "failover",
     "allow_other",
+    "metrics",
 )
 _TARGET_KEYS = ("name", "address", "mode", "sync_timeout", "on_timeout", "compress", "bandwidth")
 _JOURNAL_KEYS = ("max_size", "when_full")
@@ -782,6 +790,7 @@ def load_vault_config(path: Path | str, *, mountpoint: Path | None = None) -> Va
         targets=_targets(doc, top),
         heartbeat_s=heartbeat,
         allow_other=top.boolean("allow_other", False),
+        metrics=_metrics(top),
     )
 
 
@@ -825,9 +834,33 @@ def _targets(doc: _Document, top: _Map) -> tuple[TargetConfig, ...]:
     return tuple(targets)
 
 
+def parse_metrics_address(text: str) -> tuple[str, int]:
+    """``HOST[:PORT]`` of a metrics endpoint: port 9108 when omitted, 0 = any free port.
+
+    An empty host (``:9108``) means all IPv4 interfaces. Raises ValueError with the reason.
+    """
+    stripped = text.strip()
+    has_port = stripped.rpartition("]")[2].startswith(":") if stripped.startswith("[") else ":" in stripped
+    host, port = _parse_address(text, listen=True)
+    return host, port if has_port else DEFAULT_METRICS_PORT
+
+
+def _metrics(top: _Map) -> tuple[str, int] | None:
+    """``metrics:`` (vault.yaml and SERVE.yaml): an address, or off/absent for no endpoint."""
+    value = top.raw("metrics", "HOST:PORT, or off")
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() == "off"):
+        return None
+    if not isinstance(value, str):
+        top.fail("metrics", f"expected HOST:PORT such as 127.0.0.1:9108, or off, got {_describe(value)}")
+    try:
+        return parse_metrics_address(value)
+    except ValueError as exc:
+        top.fail("metrics", str(exc))
+
+
 # -- SERVE.yaml --------------------------------------------------------------------
 
-_SERVE_KEYS = ("root", "listen", "secret_file", "discovery", "takeover_hooks")
+_SERVE_KEYS = ("root", "listen", "secret_file", "discovery", "takeover_hooks", "name", "metrics")
 
 
 def _flag_failer(flag: str) -> Callable[[str], NoReturn]:
@@ -843,6 +876,9 @@ def load_serve_config(
     root: Path | str | None = None,
     listen: str | None = None,
     secret_file: Path | str | None = None,
+    discovery: bool | None = None,
+    name: str | None = None,
+    metrics: str | None = None,
 ) -> ServeConfig:
     """Read and check a SERVE.yaml (optional) and apply the ``octofs serve`` flags.
 
@@ -855,6 +891,9 @@ def load_serve_config(
         listen: ``--listen HOST:PORT``; the host may be empty (all interfaces),
             the port defaults to 7070 and may be 0 (any free port).
         secret_file: ``--secret-file FILE``.
+        discovery: ``--no-discovery`` (False), or None to use the file.
+        name: ``--name NAME``: what ``octofs discover`` shows.
+        metrics: ``--metrics HOST:PORT``.
 
     Returns:
         The complete, checked configuration.
@@ -898,12 +937,31 @@ def load_serve_config(
     elif top is not None and top.node_of("secret_file") is not None:
         secret = _check_secret_file(top.path("secret_file"), top.failer("secret_file"))
 
+    if name is not None:
+        name = _check_name(name, _flag_failer("--name"))
+    elif top is not None and top.node_of("name") is not None:
+        name = _check_name(top.string("name"), top.failer("name"))
+
+    metrics_address: tuple[str, int] | None = None
+    if metrics is not None:
+        try:
+            metrics_address = parse_metrics_address(metrics)
+        except ValueError as exc:
+            _flag_failer("--metrics")(str(exc))
+    elif top is not None:
+        metrics_address = _metrics(top)
+
+    if discovery is None:
+        discovery = top.boolean("discovery", True) if top else True
+
     return ServeConfig(
         root=root_path,
         listen_host=host,
         listen_port=port,
         secret_file=secret,
-        discovery=top.boolean("discovery", True) if top else True,
+        discovery=discovery,
         takeover_hooks=top.strings("takeover_hooks") if top else (),
         path=doc.path if doc else None,
+        name=name,
+        metrics=metrics_address,
     )

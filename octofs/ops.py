@@ -140,6 +140,18 @@ class RemovexattrOp:
 
 
 @dataclass(frozen=True, slots=True)
+class RemoveTreeOp:
+    """Remove ``path`` and everything under it; already absent is fine.
+
+    Never captured from the mount: Synchronize sends it to delete what a target has
+    and the primary has not (a repair, docs/FORMAT.md §8). Symlinks are removed,
+    never followed.
+    """
+
+    path: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class FsyncOp:
     """A barrier: the application made ``path`` durable (fsync, fdatasync, O_SYNC write).
 
@@ -165,6 +177,7 @@ Op = Union[
     SetxattrOp,
     RemovexattrOp,
     FsyncOp,
+    RemoveTreeOp,
 ]
 
 OP_TYPES: tuple[type, ...] = (
@@ -182,7 +195,12 @@ OP_TYPES: tuple[type, ...] = (
     SetxattrOp,
     RemovexattrOp,
     FsyncOp,
+    RemoveTreeOp,
 )
+
+# Ops that Synchronize sends to a target but that are never captured from the mount
+# (so never in a journal): they repair, they do not record.
+REPAIR_ONLY: frozenset[type] = frozenset({RemoveTreeOp})
 
 # Ops whose ``path`` may be the vault root (b"").
 ROOT_OK: frozenset[type] = frozenset({SetattrOp, SetxattrOp, RemovexattrOp, FsyncOp})

@@ -71,6 +71,12 @@ class Welcome:
     acked_seq: int
     epoch: int
     owners: bool  # whether the target reproduces file owners (runs as root)
+    # Optional (absent = None/False): why the target cannot apply ops until synchronized;
+    # the Synchronize it was in the middle of ({"id", "cursor", "seq", "verify"}); whether
+    # it ever completed one.
+    needs_resync: str | None = None
+    sync: dict | None = None
+    synced: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +109,68 @@ class Error:
     message: str
 
 
-Message = Union[Hello, Challenge, Auth, Welcome, OpBatch, Ack, Heartbeat, Error]
+@dataclass(frozen=True, slots=True)
+class SyncBegin:
+    """primary → target: a Synchronize starts here in the stream (docs/FORMAT.md §7.6).
+
+    ``reset_seq`` > 0: the target has fallen out of the journal; it takes ``reset_seq``
+    as its applied and durable seq (the stream goes on after it) and drops its
+    needs-resync mark. ``verify``: only compare; the target stays consistent.
+    """
+
+    sync_id: bytes
+    reset_seq: int
+    verify: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SyncQuery:
+    """primary → target: describe these paths as of this point in the stream.
+
+    ``items`` are ``[kind, path]`` with kind ``"list"`` (a directory's entries),
+    ``"stat"`` (one entry) or ``"hash"`` (a regular file's block hashes).
+    """
+
+    req: int
+    block_size: int
+    items: tuple[tuple[str, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SyncAnswer:
+    """target → primary: the answers to ``req``, in item order, taken after applying ``seq``."""
+
+    req: int
+    seq: int
+    results: tuple
+
+
+@dataclass(frozen=True, slots=True)
+class Repair:
+    """primary → target: ops that set paths to the primary's state, applied right after record ``seq - 1``."""
+
+    records: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SyncCheckpoint:
+    """primary → target: every path before ``cursor`` (walk order) is verified; persist it with ``seq``."""
+
+    sync_id: bytes
+    cursor: bytes
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class SyncEnd:
+    """primary → target: the Synchronize is complete; the target is consistent from here on."""
+
+    sync_id: bytes
+    differences: int
+
+
+Message = Union[Hello, Challenge, Auth, Welcome, OpBatch, Ack, Heartbeat, Error, SyncBegin, SyncQuery, SyncAnswer,
+                Repair, SyncCheckpoint, SyncEnd]
 
 ERROR_CODES = frozenset({"version", "auth", "vault_id", "epoch", "busy", "protocol", "apply", "internal"})
 
@@ -117,6 +184,12 @@ _TYPES: dict[str, type] = {
     "ack": Ack,
     "hb": Heartbeat,
     "error": Error,
+    "sync_begin": SyncBegin,
+    "sync_query": SyncQuery,
+    "sync_answer": SyncAnswer,
+    "repair": Repair,
+    "sync_checkpoint": SyncCheckpoint,
+    "sync_end": SyncEnd,
 }
 _TAGS = {cls: tag for tag, cls in _TYPES.items()}
 _FIELDS: dict[type, dict[str, tuple[type, ...]]] = {
@@ -124,12 +197,21 @@ _FIELDS: dict[type, dict[str, tuple[type, ...]]] = {
             "heartbeat_s": (int, float)},
     Challenge: {"version": (int,), "nonce": (bytes,), "proof": (bytes,)},
     Auth: {"proof": (bytes,)},
-    Welcome: {"acked_seq": (int,), "epoch": (int,), "owners": (bool,)},
+    Welcome: {"acked_seq": (int,), "epoch": (int,), "owners": (bool,), "needs_resync": (str, type(None)),
+              "sync": (dict, type(None)), "synced": (bool,)},
     OpBatch: {"records": (list,)},
     Ack: {"seq": (int,)},
     Heartbeat: {"time_ns": (int,), "last_seq": (int,)},
     Error: {"code": (str,), "message": (str,)},
+    SyncBegin: {"sync_id": (bytes,), "reset_seq": (int,), "verify": (bool,)},
+    SyncQuery: {"req": (int,), "block_size": (int,), "items": (list,)},
+    SyncAnswer: {"req": (int,), "seq": (int,), "results": (list,)},
+    Repair: {"records": (list,)},
+    SyncCheckpoint: {"sync_id": (bytes,), "cursor": (bytes,), "seq": (int,)},
+    SyncEnd: {"sync_id": (bytes,), "differences": (int,)},
 }
+# Fields a peer may leave out (it predates them): absent means the dataclass default.
+_OPTIONAL: dict[type, frozenset[str]] = {Welcome: frozenset({"needs_resync", "sync", "synced"})}
 
 
 def encode(msg: Message) -> bytes:
@@ -137,7 +219,9 @@ def encode(msg: Message) -> bytes:
     body: dict[str, object] = {"t": _TAGS[type(msg)]}
     for name in _FIELDS[type(msg)]:
         value = getattr(msg, name)
-        body[name] = list(value) if isinstance(value, tuple) else value
+        if value is None and name in _OPTIONAL.get(type(msg), ()):
+            continue
+        body[name] = [list(v) if isinstance(v, tuple) else v for v in value] if isinstance(value, tuple) else value
     payload = codec.packb(body)
     if len(payload) > MAX_FRAME_BYTES:
         raise ValueError(f"frame of {len(payload)} bytes exceeds MAX_FRAME_BYTES")
@@ -159,6 +243,8 @@ def decode_payload(payload: bytes, peer: str = "peer") -> Message:
     kwargs = {}
     for name, types in _FIELDS[cls].items():
         if name not in body:
+            if name in _OPTIONAL.get(cls, ()):
+                continue
             raise ProtocolError(peer=peer, reason=f"{tag}: missing field {name!r}")
         value = body[name]
         # bool is an int subclass: only accept it where a bool is expected.
@@ -177,10 +263,23 @@ def decode_payload(payload: bytes, peer: str = "peer") -> Message:
     elif cls is Challenge:
         if len(kwargs["nonce"]) != NONCE_BYTES:
             raise ProtocolError(peer=peer, reason="challenge: bad nonce length")
-    elif cls is OpBatch:
+    elif cls in (OpBatch, Repair):
         if not all(isinstance(r, bytes) for r in kwargs["records"]):
-            raise ProtocolError(peer=peer, reason="ops: records must be binary")
+            raise ProtocolError(peer=peer, reason=f"{tag}: records must be binary")
         kwargs["records"] = tuple(kwargs["records"])
+    elif cls is SyncQuery:
+        items = kwargs["items"]
+        if not all(isinstance(i, list) and len(i) == 2 and i[0] in ("list", "stat", "hash") and isinstance(i[1], bytes)
+                   for i in items):
+            raise ProtocolError(peer=peer, reason="sync_query: items must be [list|stat|hash, path]")
+        if not 4096 <= kwargs["block_size"] <= 16 * 2**20:
+            raise ProtocolError(peer=peer, reason="sync_query: block_size out of range")
+        kwargs["items"] = tuple((k, p) for k, p in items)
+    elif cls is SyncAnswer:
+        kwargs["results"] = tuple(kwargs["results"])
+    elif cls in (SyncBegin, SyncCheckpoint, SyncEnd):
+        if len(kwargs["sync_id"]) != 16:
+            raise ProtocolError(peer=peer, reason=f"{tag}: sync_id must be 16 bytes")
     return cls(**kwargs)
 
 

@@ -164,6 +164,8 @@ class TargetServer:
                 "peer": slot.conn.peer if slot.conn is not None else None,
                 "last_heartbeat_age_s": None if slot.last_heartbeat is None else round(now - slot.last_heartbeat, 3),
                 "needs_resync": r.needs_resync if r is not None else None,
+                "consistent": r.consistent if r is not None else None,
+                "sync": r.sync if r is not None else None,
             }
             if slot.error is not None:
                 entry["error"] = slot.error
@@ -260,8 +262,8 @@ class TargetServer:
             except OSError as exc:
                 raise _Refused("internal", f"vault {vault}: cannot record the vault id or epoch: {exc}",
                                logging.ERROR) from None
-            if replica.needs_resync is not None:
-                raise _Refused("apply", f"vault {vault} needs a resync: {replica.needs_resync}", logging.ERROR)
+            # A vault that needs a resync is still served: the Welcome says so, and the
+            # primary answers with a Synchronize (ops are refused until it resets the vault).
             old = slot.conn
             if old is not None:
                 log.info("vault %s: the connection from %s supersedes the one from %s", vault, peer, old.peer)
@@ -283,8 +285,9 @@ class TargetServer:
 
     async def _replay(self, stream: trio.abc.Stream, peer: str, hello: protocol.Hello, slot: _VaultSlot,
                       replica: Replica) -> None:
-        acked = await _make_durable(replica)
-        await _send(stream, protocol.Welcome(acked, replica.epoch, replica.owners))
+        acked = replica.durable_seq if replica.needs_resync is not None else await _make_durable(replica)
+        await _send(stream, protocol.Welcome(acked, replica.epoch, replica.owners, replica.needs_resync,
+                                             replica.sync, replica.synced))
         log.info("primary %s connected for vault %s (epoch %d), resuming after seq %d",
                  peer, replica.vault, hello.epoch, acked)
         decoder = protocol.FrameDecoder(peer=peer)
@@ -317,6 +320,14 @@ class TargetServer:
                 await _send(stream, protocol.Ack(acked))
             elif isinstance(msg, protocol.Error):
                 raise _PeerGone(f"the primary closed the connection: {msg.code}: {msg.message}", logging.WARNING)
+            elif isinstance(msg, _SYNC_MESSAGES):
+                await _sync_message(stream, peer, replica, msg)
+                if isinstance(msg, (protocol.SyncCheckpoint, protocol.SyncEnd, protocol.SyncBegin)):
+                    last_durable = trio.current_time()
+                    since_durable_bytes = 0
+                if replica.durable_seq > acked:
+                    acked = replica.durable_seq
+                    await _send(stream, protocol.Ack(acked))
             else:
                 raise ProtocolError(peer=peer, reason=f"unexpected {_kind(msg)} after the handshake")
 
@@ -382,6 +393,38 @@ async def serve_target(
 def format_address(host: str, port: int) -> str:
     """``host:port``, with an IPv6 host in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# -- Synchronize (docs/FORMAT.md §7.6) ---------------------------------------------------
+
+_SYNC_MESSAGES = (protocol.SyncBegin, protocol.SyncQuery, protocol.Repair, protocol.SyncCheckpoint,
+                  protocol.SyncEnd)
+
+
+async def _sync_message(stream: trio.abc.Stream, peer: str, replica: Replica, msg: protocol.Message) -> None:
+    """One Synchronize frame, in stream order (after every record before it was applied)."""
+    try:
+        if isinstance(msg, protocol.SyncQuery):
+            results = await trio.to_thread.run_sync(replica.answer, msg.items, msg.block_size)
+            await _send(stream, protocol.SyncAnswer(msg.req, replica.applied_seq, tuple(results)))
+        elif isinstance(msg, protocol.Repair):
+            records = _decode_batch(protocol.OpBatch(msg.records), peer)
+            await trio.to_thread.run_sync(_repair_all, replica, records)
+        elif isinstance(msg, protocol.SyncBegin):
+            await trio.to_thread.run_sync(replica.begin_sync, msg.sync_id, msg.reset_seq, msg.verify)
+        elif isinstance(msg, protocol.SyncCheckpoint):
+            await trio.to_thread.run_sync(replica.checkpoint_sync, msg.sync_id, msg.cursor, msg.seq)
+        elif isinstance(msg, protocol.SyncEnd):
+            await trio.to_thread.run_sync(replica.end_sync, msg.sync_id, msg.differences)
+    except OpError as exc:
+        raise _Refused("apply", exc.message, logging.ERROR) from None
+    except OSError as exc:
+        raise _Refused("apply", f"vault {replica.vault}: {type(msg).__name__}: {exc}", logging.ERROR) from None
+
+
+def _repair_all(replica: Replica, records: list[Record]) -> None:
+    for rec in records:
+        replica.apply_repair(rec)
 
 
 # -- helpers -------------------------------------------------------------------------

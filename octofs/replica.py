@@ -10,6 +10,8 @@ Layout of a target root (docs/FORMAT.md §7, Target state dir)::
     ROOT/.octofs/vaults/NAME/position   u64le durable seq, u64le touched seq (fdatasync'ed)
     ROOT/.octofs/vaults/NAME/progress   u64le applied seq, u64le in-flight seq, 16-byte boot id
     ROOT/.octofs/vaults/NAME/needs_resync   present (with the reason) when ops could not be applied
+    ROOT/.octofs/vaults/NAME/syncing    present (JSON: id, cursor, seq) while a Synchronize is under way
+    ROOT/.octofs/vaults/NAME/synced     present once a Synchronize has completed
 
 Vault names never start with '.', so ``.octofs`` can never be a replica dir.
 
@@ -65,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import logging
 import os
 import re
@@ -72,7 +75,7 @@ import struct
 from pathlib import Path
 from typing import NoReturn
 
-from octofs import apply, state
+from octofs import apply, scan, state
 from octofs.errors import (
     DaemonRunningError,
     OpError,
@@ -228,6 +231,9 @@ class Replica:
         self._fd: int | None = fd
         self._pos_fd: int | None = None
         self._prog_fd: int | None = None
+        self.sync: dict | None = None  # the Synchronize under way: {"id", "cursor", "seq"} (hex id, hex cursor)
+        self.synced = False  # a Synchronize has completed here at least once
+        self.verifying: bytes | None = None  # id of a --verify-only pass on the live connection
         self._touched = 0  # the touched seq currently durable in `position`
         self._half_done: int | None = None  # the one seq whose "already done" outcomes are tolerated
 
@@ -278,6 +284,11 @@ class Replica:
         with contextlib.suppress(FileNotFoundError):
             self.epoch = int((sdir / "epoch").read_text().strip())
         self.needs_resync = state.needs_resync(sdir)
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            loaded = json.loads((sdir / "syncing").read_text())
+            if isinstance(loaded, dict) and {"id", "cursor", "seq"} <= loaded.keys():
+                self.sync = loaded
+        self.synced = (sdir / "synced").exists()
 
         pos_path = sdir / "position"
         if not pos_path.exists():
@@ -471,6 +482,110 @@ class Replica:
                 state.mark_needs_resync(self.state_dir, reason)
             except OSError as exc:  # e.g. the same full disk; still refused in memory
                 log.error("cannot record that vault %s needs a resync: %s", self.vault, exc)
+
+    # -- Synchronize (docs/FORMAT.md §7.6) ---------------------------------------
+
+    @property
+    def consistent(self) -> bool:
+        """Whether the replica is a state the primary had (no Synchronize under way, nothing to resync)."""
+        return self.sync is None and self.needs_resync is None
+
+    def begin_sync(self, sync_id: bytes, reset_seq: int, verify: bool) -> None:
+        """Start a Synchronize (or a verify-only pass) at this point in the stream.
+
+        ``reset_seq`` > 0: the target missed ops that the primary no longer has; it takes
+        ``reset_seq`` as its applied and durable position and forgets its needs-resync
+        mark, since the Synchronize now repairs whatever those ops would have changed.
+        """
+        if verify:
+            self.verifying = sync_id
+            return
+        self.verifying = None
+        if reset_seq:
+            assert self._prog_fd is not None
+            log.warning("vault %s: resetting the replay position from seq %d to %d for a Synchronize",
+                        self.vault, self.applied_seq, reset_seq)
+            self.applied_seq = reset_seq
+            self._half_done = None
+            os.pwrite(self._prog_fd, _PROGRESS_DONE.pack(reset_seq, 0), 0)
+            self.durable_seq = -1  # forces make_durable to write the new position
+            if self.needs_resync is not None:
+                state.clear_needs_resync(self.state_dir)
+                self.needs_resync = None
+        elif self.needs_resync is not None:
+            raise OpError(f"Vault {self.vault} needs a resync ({self.needs_resync}): a Synchronize must reset it")
+        self.sync = {"id": sync_id.hex(), "cursor": "", "seq": reset_seq or self.applied_seq}
+        self._write_sync_state()
+        self.make_durable()
+        log.info("vault %s: Synchronize %s started at seq %d", self.vault, sync_id.hex()[:8], self.applied_seq)
+
+    def checkpoint_sync(self, sync_id: bytes, cursor: bytes, seq: int) -> None:
+        """Everything before ``cursor`` is verified: make it durable, then remember the cursor."""
+        if self.sync is None or self.sync["id"] != sync_id.hex():
+            return  # a verify-only pass, or a stale id: nothing to persist
+        self.make_durable()
+        self.sync = {"id": sync_id.hex(), "cursor": cursor.hex(), "seq": seq}
+        self._write_sync_state()
+
+    def end_sync(self, sync_id: bytes, differences: int) -> None:
+        """The Synchronize is complete: durable, then marked consistent."""
+        if self.verifying == sync_id:
+            self.verifying = None
+            return
+        if self.sync is None or self.sync["id"] != sync_id.hex():
+            raise ProtocolError(peer="the primary", reason=f"sync_end for unknown Synchronize {sync_id.hex()}")
+        self.make_durable()
+        (self.state_dir / "syncing").unlink(missing_ok=True)
+        state.write_atomic(self.state_dir / "synced", sync_id.hex().encode() + b"\n", 0o600)
+        self.sync = None
+        self.synced = True
+        log.info("vault %s: Synchronize %s complete (%d difference(s) repaired); consistent at seq %d",
+                 self.vault, sync_id.hex()[:8], differences, self.applied_seq)
+
+    def _write_sync_state(self) -> None:
+        state.write_atomic(self.state_dir / "syncing", json.dumps(self.sync).encode() + b"\n", 0o600)
+
+    def answer(self, items: tuple[tuple[str, bytes], ...], block_size: int) -> list:
+        """Describe paths of the replica for a SyncQuery (see scan.py); ``None`` for what is absent."""
+        assert self._fd is not None
+        out: list = []
+        for kind, path in items:
+            try:
+                if kind == "list":
+                    listing = scan.list_dir(self._fd, path)
+                    out.append(None if listing is None else [scan.entry_to_wire(e) for e in listing])
+                elif kind == "stat":
+                    info = scan.stat_path(self._fd, path)
+                    out.append(None if info is None else scan.entry_to_wire(info))
+                else:
+                    hashed = scan.file_hashes(self._fd, path, block_size)
+                    out.append(None if hashed is None else list(hashed))
+            except OpError as exc:
+                raise ProtocolError(peer="the primary", reason=f"sync_query for {path!r}: {exc.message}") from None
+        return out
+
+    def apply_repair(self, rec: Record) -> None:
+        """Apply one repair op; ``rec.seq`` must be ``applied_seq + 1`` (it goes right before that record).
+
+        Raises:
+            ProtocolError: no Synchronize is under way, or the repair is out of place.
+            OpError: the op could not be applied (the vault is marked ``needs_resync``).
+        """
+        if self.sync is None:
+            raise ProtocolError(peer="the primary", reason="a repair outside a Synchronize")
+        if rec.seq != self.applied_seq + 1:
+            raise ProtocolError(peer="the primary", reason=f"a repair positioned before seq {rec.seq}, but the "
+                                f"applied seq is {self.applied_seq}")
+        if self.needs_resync is not None:
+            raise OpError(f"Vault {self.vault} needs a resync ({self.needs_resync})")
+        assert self._fd is not None
+        try:
+            if self._touched != UNKNOWN_SEQ:
+                self._write_position(self.durable_seq, UNKNOWN_SEQ)
+            apply.apply_op(self._fd, rec.op, chown=self.owners)
+        except (OSError, OpError) as exc:
+            detail = exc.message if isinstance(exc, OpError) else (exc.strerror or str(exc))
+            self._fail(f"cannot apply a repair ({_describe(rec.op)}): {detail}", exc)
 
     # -- closing -----------------------------------------------------------------
 

@@ -65,6 +65,10 @@ def needs_resync(state_dir: Path) -> str | None:
         return None
 
 
+def clear_needs_resync(state_dir: Path) -> None:
+    paths.needs_resync_path(state_dir).unlink(missing_ok=True)
+
+
 def mark_needs_resync(state_dir: Path, reason: str) -> None:
     write_atomic(paths.needs_resync_path(state_dir), reason.encode() + b"\n")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from octofs import state
 from octofs.cli.common import add_command, setup_logging
-from octofs.config import load_serve_config
+from octofs.config import ServeConfig, load_serve_config
 from octofs.errors import ConfigFileError, UsageError
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,11 @@ def add_parser(sub) -> None:
     p.add_argument("--secret-file", metavar="FILE", help="the shared secret for mutual authentication")
     p.add_argument("--ready-file", metavar="PATH",
                    help='once listening, write {"pid": ..., "listen": "HOST:PORT"} to PATH')
+    p.add_argument("--name", metavar="NAME", help="what `octofs discover` lists this target as (default: host name)")
+    p.add_argument("--no-discovery", dest="discovery", action="store_false", default=None,
+                   help="do not answer `octofs discover` (SERVE.yaml: discovery: off)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics on HOST:PORT (SERVE.yaml: metrics; default off)")
 
 
 def read_secret(path: Path | None) -> bytes:
@@ -46,14 +51,15 @@ def read_secret(path: Path | None) -> bytes:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_serve_config(args.serve_yaml, root=args.root, listen=args.listen, secret_file=args.secret_file)
+    cfg = load_serve_config(args.serve_yaml, root=args.root, listen=args.listen, secret_file=args.secret_file,
+                            discovery=args.discovery, name=args.name, metrics=args.metrics)
     secret = read_secret(cfg.secret_file)
     setup_logging(args, default_level=logging.INFO)
     import trio  # here, so that `octofs --help` does not import it
 
     ready = Path(os.path.abspath(args.ready_file)) if args.ready_file else None
     try:
-        trio.run(_serve, cfg.root, cfg.listen_host, cfg.listen_port, secret, ready)
+        trio.run(_serve, cfg, secret, ready)
     except BaseExceptionGroup as group:
         # A failure to start (root locked, address in use) arrives wrapped by the
         # nursery; report the one error itself, with its own message and exit code.
@@ -71,19 +77,61 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
     return out
 
 
-async def _serve(root: Path, host: str, port: int, secret: bytes, ready: Path | None) -> None:
-    """Run ``serve_target`` until SIGTERM or SIGINT (then exit cleanly)."""
+async def _serve(cfg: ServeConfig, secret: bytes, ready: Path | None) -> None:
+    """Run ``serve_target`` (and beside it discovery and metrics) until SIGTERM or SIGINT (then exit cleanly)."""
     import trio
 
     from octofs.replayer import format_address, serve_target
 
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            bound = await nursery.start(serve_target, root, host, port, secret)
+            bound = await nursery.start(serve_target, cfg.root, cfg.listen_host, cfg.listen_port, secret)
+            extra = await _start_extras(nursery, cfg, bound)
             if ready is not None:
-                info = {"pid": os.getpid(), "listen": format_address(*bound)}
+                info = {"pid": os.getpid(), "listen": format_address(*bound), **extra}
                 state.write_atomic(ready, json.dumps(info).encode(), 0o644)
             async for signum in signals:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
+
+
+async def _start_extras(nursery, cfg: ServeConfig, bound: tuple[str, int]) -> dict:
+    """Start the discovery responder and the metrics endpoint, if configured; their addresses for the ready file."""
+    import socket
+
+    import trio
+
+    from octofs import __version__, beacon, discovery, exporter, protocol, replica
+    from octofs.control import request
+
+    extra: dict = {}
+    if not cfg.discovery:
+        log.info("discovery is off (SERVE.yaml discovery: off, or --no-discovery)")
+    elif beacon.is_loopback(bound[0]):
+        log.info("discovery is off: listening on a loopback address, which nobody on the LAN can reach")
+    else:
+        fingerprint = await trio.to_thread.run_sync(beacon.target_fingerprint, replica.state_root(cfg.root))
+        wildcard = bound[0] in ("0.0.0.0", "::", "")
+        template = discovery.Answer(
+            nonce=b"", name=cfg.name or _host_name(socket.gethostname()), host="" if wildcard else bound[0],
+            port=bound[1], version=__version__, protocols=tuple(protocol.SUPPORTED_VERSIONS),
+            fingerprint=fingerprint)
+        extra["discovery_port"] = await nursery.start(beacon.serve_discovery, template)
+    if cfg.metrics is not None:
+        socket_path = replica.control_socket_path(cfg.root)
+
+        async def status() -> dict:
+            reply = await trio.to_thread.run_sync(lambda: request(socket_path, "status", io_timeout_s=10))
+            reply.pop("ok", None)
+            return reply
+
+        extra["metrics"] = await nursery.start(exporter.serve_metrics, cfg.metrics[0], cfg.metrics[1], status)
+    return extra
+
+
+def _host_name(name: str) -> str:
+    """The host name as a discovery name (1-64 of letters, digits, '.', '-', '_')."""
+    cleaned = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "-" for c in name.split(".")[0])
+    cleaned = cleaned.lstrip("._-")[:64]
+    return cleaned or "octofs"

@@ -206,6 +206,7 @@ OP_STRATEGIES = {
     ops.SetxattrOp: st.builds(ops.SetxattrOp, root_or_path, xattr_names, blobs),
     ops.RemovexattrOp: st.builds(ops.RemovexattrOp, root_or_path, xattr_names),
     ops.FsyncOp: st.builds(ops.FsyncOp, root_or_path, st.booleans()),
+    ops.RemoveTreeOp: st.builds(ops.RemoveTreeOp, paths),
 }
 
 any_op = st.one_of(*OP_STRATEGIES.values())

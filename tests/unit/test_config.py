@@ -71,7 +71,7 @@ BAD_VAULTS = [
     ("top-list", "- vault: sales\n", "vault.yaml:1: top level: expected a mapping of keys such as vault: and backing:, got a list", 13, None),
     ("top-scalar", "sales\n", "vault.yaml:1: top level: expected a mapping of keys such as vault: and backing:, got 'sales'", 13, None),
     ("unknown-key-suggest", MINIMAL + "exclud: []\n", "vault.yaml:3: exclud: unknown key; did you mean 'exclude'?", 13, None),
-    ("unknown-key-list", MINIMAL + "colour: red\n", "vault.yaml:3: colour: unknown key; allowed keys: vault, backing, state_dir, exclude, forwarding, secret_file, journal, targets, failover, allow_other", 13, None),
+    ("unknown-key-list", MINIMAL + "colour: red\n", "vault.yaml:3: colour: unknown key; allowed keys: vault, backing, state_dir, exclude, forwarding, secret_file, journal, targets, failover, allow_other, metrics", 13, None),
     ("duplicate-key", MINIMAL + "vault: other\n", "vault.yaml:3: vault: duplicate key (first given on line 1)", 13, None),
     ("non-string-key", MINIMAL + "1: x\n", "vault.yaml:3: top level: keys must be names, got integer 1", 13, None),
     ("bool-key", MINIMAL + "on: x\n", "vault.yaml:3: top level: keys must be names, got boolean true", 13, None),

@@ -315,11 +315,16 @@ async def test_vault_needing_resync_refused(target, root: Path) -> None:
         await p.send_records([rec(1, UnlinkOp(b"missing"))])
         msgs = await p.until_closed()
         assert msgs[-1].code == "apply" and "unlink missing" in msgs[-1].message
+        # Still served, so that the primary can answer with a Synchronize; the Welcome says why.
         p = await FakePrimary.connect(target)
         answer = await p.handshake()
-        assert isinstance(answer, protocol.Error) and answer.code == "apply"
-        assert "needs a resync" in answer.message
+        assert isinstance(answer, protocol.Welcome) and "unlink missing" in answer.needs_resync
         assert (await status(root))["vaults"][0]["needs_resync"]
+        assert (await status(root))["vaults"][0]["consistent"] is False
+        # ... but no op is applied until a Synchronize resets the vault.
+        await p.send_records([rec(2, UnlinkOp(b"other"))])
+        msgs = await p.until_closed()
+        assert msgs[-1].code == "apply" and "needs a resync" in msgs[-1].message
 
 
 def _payload(**fields) -> bytes:
