@@ -8,6 +8,12 @@ and the table shows medians and the ratio octofs/native from the same run.
 The native runs use a plain directory beside the vault's backing dir, on the same
 filesystem (octofs owns its backing dir, so the benchmark does not write into it).
 
+Databases: SQLite in WAL mode (synchronous=FULL) and in rollback mode (DELETE,
+synchronous=EXTRA), one row per transaction; and pgbench: PostgreSQL (Debian's
+package, run as the postgres user on a Unix socket) with its data directory on the
+side under test, `pgbench -i`, then `pgbench -c 2 -j 2 -T N`. Without PostgreSQL
+the pgbench workload is skipped with a note (JSON: "skipped").
+
 Replication figures, after each octofs run:
   * wait-synced s: how long `octofs status --wait-synced` takes to return (a proxy
     for replication lag; it includes the CLI's own start-up, shown as "idle CLI").
@@ -19,10 +25,13 @@ fio is not used yet: every workload is a Python implementation (os.write/os.prea
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib.util
 import json
 import os
+import pwd
 import random
+import re
 import shutil
 import signal
 import sqlite3
@@ -135,12 +144,12 @@ def wl_small_files(d: Path, p: dict) -> tuple[float, float]:
     return len(names), time.perf_counter() - t0
 
 
-def wl_sqlite(d: Path, p: dict) -> tuple[float, float]:
-    """SQLite, journal_mode=WAL, synchronous=FULL: one INSERT per transaction."""
+def _sqlite(d: Path, p: dict, journal_mode: str, synchronous: str) -> tuple[float, float]:
+    """One INSERT of 100 bytes per transaction: each commit waits for at least one fsync."""
     db = sqlite3.connect(d / "bench.db", isolation_level=None)
     try:
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        db.execute(f"PRAGMA journal_mode={journal_mode}")
+        db.execute(f"PRAGMA synchronous={synchronous}")
         db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
         payload = os.urandom(100)
         n = p["sqlite_tx"]
@@ -153,6 +162,113 @@ def wl_sqlite(d: Path, p: dict) -> tuple[float, float]:
     finally:
         db.close()
     return n, dt
+
+
+def wl_sqlite(d: Path, p: dict) -> tuple[float, float]:
+    """SQLite, journal_mode=WAL, synchronous=FULL: one fsync of the WAL per commit."""
+    return _sqlite(d, p, "WAL", "FULL")
+
+
+def wl_sqlite_rollback(d: Path, p: dict) -> tuple[float, float]:
+    """SQLite, journal_mode=DELETE, synchronous=EXTRA: per commit the journal is created, fsynced,
+    the database written and fsynced, the journal unlinked and the directory fsynced (EXTRA: under
+    FULL that last fsync is missing and a crash may roll back the last commit)."""
+    return _sqlite(d, p, "DELETE", "EXTRA")
+
+
+# PostgreSQL refuses to run as root: initdb, the server and pgbench run as Debian's
+# ``postgres`` user, the server on a Unix socket only, its data directory in the workload's
+# directory (so the postgres user must be able to reach it: see main()'s workdir).
+
+
+def _pg_bindir() -> Path | None:
+    """The newest /usr/lib/postgresql/VERSION/bin holding pgbench (Debian's layout), if any."""
+    found = [Path(x).parent for x in glob.glob("/usr/lib/postgresql/*/bin/pgbench")]
+    return max(found, key=lambda b: int(b.parent.name) if b.parent.name.isdigit() else 0, default=None)
+
+
+def pgbench_unavailable() -> str | None:
+    """Why the pgbench workload cannot run here, or None when it can."""
+    if _pg_bindir() is None:
+        return "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/pgbench; scripts/setup installs it)"
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        return "there is no postgres user"
+    if os.geteuid() != 0:
+        return "it needs root (to run PostgreSQL as the postgres user)"
+    return None
+
+
+def _as_postgres(cmd: list, *, timeout: float, what: str) -> str:
+    """Run a PostgreSQL tool as the postgres user; its stdout, or RuntimeError with its output."""
+    pg = pwd.getpwnam("postgres")
+    r = subprocess.run([str(c) for c in cmd], user=pg.pw_uid, group=pg.pw_gid, extra_groups=[], cwd="/",
+                       env=_pg_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
+                       timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"{what} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+    return r.stdout
+
+
+def _pg_env() -> dict:
+    return {"PATH": f"{_pg_bindir()}:/usr/bin:/bin", "HOME": "/tmp", "LC_ALL": "C.UTF-8"}
+
+
+def wl_pgbench(d: Path, p: dict) -> tuple[float, float]:
+    """PostgreSQL (fsync on) with its data directory in ``d``: initdb, ``pgbench -i -s S``, then the
+    timed part, ``pgbench -c 2 -j 2 -T N`` (TPC-B-like: each transaction commits, WAL fsync).
+
+    Returns (transactions, seconds) as pgbench measured them (tps without connection set-up).
+    The server is stopped (and reaped) before returning, so its writes count in ``wchar()``.
+    """
+    bindir, pg = _pg_bindir(), pwd.getpwnam("postgres")
+    os.chown(d, pg.pw_uid, pg.pw_gid)
+    try:
+        _as_postgres(["test", "-w", d, "-a", "-x", d], timeout=30, what=f"access to {d}")
+    except RuntimeError:
+        raise RuntimeError(f"the postgres user cannot reach {d}: give a --workdir whose parents every user "
+                           "may search (e.g. under /var/tmp)") from None
+    datadir = d / "pgdata"
+    # The socket lives outside d: a socket's path is limited to 107 bytes.
+    sock = Path(tempfile.mkdtemp(prefix="octofs-bench-pg-", dir="/tmp"))
+    os.chown(sock, pg.pw_uid, pg.pw_gid)
+    log = sock / "postgres.log"
+    server = None
+    try:
+        # --no-sync: the set-up's files are not fsynced one by one (untimed; the timed part fsyncs).
+        _as_postgres([bindir / "initdb", "-D", datadir, "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                      "--locale=C.UTF-8", "--no-sync"], timeout=600, what="initdb")
+        with open(log, "wb") as logf:
+            server = subprocess.Popen(
+                [str(bindir / "postgres"), "-D", str(datadir), "-k", str(sock), "-c", "listen_addresses=",
+                 "-c", "fsync=on", "-c", "synchronous_commit=on", "-c", "full_page_writes=on"],
+                user=pg.pw_uid, group=pg.pw_gid, extra_groups=[], cwd="/", env=_pg_env(),
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while subprocess.run([str(bindir / "pg_isready"), "-q", "-h", str(sock)], user=pg.pw_uid, group=pg.pw_gid,
+                             extra_groups=[], cwd="/", env=_pg_env(), check=False).returncode != 0:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL on {datadir} did not start:\n{log.read_text(errors='replace')}")
+            time.sleep(0.1)
+        _as_postgres([bindir / "pgbench", "-h", sock, "-i", "-q", "-s", p["pgbench_scale"], "postgres"],
+                     timeout=1800, what="pgbench -i")
+        out = _as_postgres([bindir / "pgbench", "-h", sock, "-c", "2", "-j", "2", "-T", p["pgbench_s"], "postgres"],
+                           timeout=p["pgbench_s"] + 600, what="pgbench")
+        done = re.search(r"number of transactions actually processed: (\d+)", out)
+        tps = re.search(r"tps = ([0-9.]+)", out)
+        if not done or not tps:
+            raise RuntimeError(f"unexpected pgbench output:\n{out}")
+        return int(done[1]), int(done[1]) / float(tps[1])
+    finally:
+        if server is not None and server.poll() is None:
+            server.send_signal(signal.SIGINT)  # fast shutdown (a checkpoint, then exit)
+            try:
+                server.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)  # its own session: the postmaster and its children
+                server.wait(timeout=30)
+        shutil.rmtree(sock, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -170,12 +286,16 @@ WORKLOADS = [
     Workload("seq-read-1m-hot", "MiB/s", wl_seq_read_hot),
     Workload("small-files", "files/s", wl_small_files),
     Workload("sqlite-wal-full", "tx/s", wl_sqlite, fsyncs=True),
+    Workload("sqlite-delete-extra", "tx/s", wl_sqlite_rollback, fsyncs=True),
+    Workload("pgbench", "tps", wl_pgbench, fsyncs=True),  # skipped, with a note, without PostgreSQL
 ]
 
 DEFAULT_SIZES = {"seq_mib": 128, "rand_file_mib": 64, "rand_fsync_ops": 1000, "rand_buffered_ops": 20000,
-                 "read_mib": 128, "read_passes": 2, "small_files": 1000, "sqlite_tx": 500}
+                 "read_mib": 128, "read_passes": 2, "small_files": 1000, "sqlite_tx": 500,
+                 "pgbench_scale": 2, "pgbench_s": 10}
 QUICK_SIZES = {"seq_mib": 8, "rand_file_mib": 4, "rand_fsync_ops": 100, "rand_buffered_ops": 1000,
-               "read_mib": 8, "read_passes": 1, "small_files": 100, "sqlite_tx": 50}
+               "read_mib": 8, "read_passes": 1, "small_files": 100, "sqlite_tx": 50,
+               "pgbench_scale": 1, "pgbench_s": 2}
 
 
 # -- octofs through its CLI ----------------------------------------------------------------------
@@ -238,6 +358,7 @@ class Octofs:
             f"backing: {self.backing}\n"
             f"state_dir: {self.state}\n"
             f"secret_file: {secret}\n"
+            "allow_other: true\n"  # the pgbench workload's server runs as the postgres user
             "targets:\n"
             f"  - name: local\n    address: '{listen}'\n    mode: {self.mode}\n")
         octofs("mount", str(vault_yaml), str(self.mnt))
@@ -316,9 +437,16 @@ def main() -> int:
     else:
         workloads = list(WORKLOADS)
     sizes = QUICK_SIZES if args.quick else DEFAULT_SIZES
+    skipped = {}
+    if any(w.name == "pgbench" for w in workloads) and (why := pgbench_unavailable()):
+        skipped["pgbench"] = why
+        workloads = [w for w in workloads if w.name != "pgbench"]
+        console.print(f"[yellow]pgbench: skipped, {why}[/yellow]")
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="octofs-bench-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.workdir is None:
+        work.chmod(0o755)  # not mkdtemp's 0700: pgbench's server (the postgres user) works in here
     native_dir = work / "native"
     native_dir.mkdir(exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -377,6 +505,8 @@ def main() -> int:
 
     doc = {"reps": args.reps, "quick": args.quick, "sizes": sizes, "fio": False,
            "idle_wait_synced_s": statistics.median(idle_cli), "workloads": {}}
+    if skipped:
+        doc["skipped"] = skipped  # workload name -> why it did not run
     for name, r in results.items():
         nat, octo = statistics.median(r["native"]), statistics.median(r["octofs"])
         written = sum(r["written_bytes"])
