@@ -28,6 +28,7 @@ from octofs import paths, state
 from octofs.config import VaultConfig
 from octofs.control import ControlRequestError, serve_control
 from octofs.errors import ConfigValueError, JournalError
+from octofs.exporter import serve_metrics
 from octofs.fs.mount import mount_options, open_mount, serve_mount, terminate
 from octofs.fs.operations import PassthroughOperations
 from octofs.journal import JournalReader, JournalWriter, drop_segments_before
@@ -61,6 +62,7 @@ class PrimaryDaemon:
         self.ops: PassthroughOperations | None = None
         self.shippers: list[Shipper] = []
         self.forwarding = Forwarding(self._initial_forwarding())
+        self.metrics_address: str | None = None  # the bound `metrics:` endpoint, once listening
 
     def _initial_forwarding(self) -> bool:
         """`octofs forward on|off` is saved in the state dir and wins over vault.yaml."""
@@ -149,6 +151,8 @@ class PrimaryDaemon:
                 await nursery.start(serve_control, paths.control_socket_path(self.state_dir), {
                     "status": self._status, "wait_synced": self._wait_synced, "forward": self._forward,
                 })
+                if cfg.metrics is not None:  # the same document as `status --json` (docs/METRICS.md)
+                    self.metrics_address = await nursery.start(serve_metrics, *cfg.metrics, lambda: self._status({}))
                 for shipper in self.shippers:
                     nursery.start_soon(shipper.run)
                 nursery.start_soon(self._janitor)
@@ -156,7 +160,8 @@ class PrimaryDaemon:
                 nursery.start_soon(self._watch_signals)
                 paths.pid_path(self.state_dir).write_text(f"{os.getpid()}\n")
                 if ready_file is not None:
-                    write_ready_file(ready_file, {"pid": os.getpid(), "mountpoint": str(self.mountpoint)})
+                    write_ready_file(ready_file, {"pid": os.getpid(), "mountpoint": str(self.mountpoint),
+                                                  "metrics": self.metrics_address})
                 await serve_mount()
                 log.info("filesystem unmounted, shutting down")
                 nursery.cancel_scope.cancel()
@@ -221,6 +226,7 @@ class PrimaryDaemon:
                 "bytes": js.bytes,
             },
             "forwarding": "on" if self.forwarding.on else "off",
+            "metrics": self.metrics_address,
             "targets": [dataclasses.asdict(sh.statistics()) for sh in self.shippers],
         }
 

@@ -27,21 +27,25 @@ StatusSource = Callable[[], Awaitable[dict[str, Any]]]
 
 
 async def serve_metrics(host: str, port: int, status: StatusSource, *,
-                        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+                        task_status: trio.TaskStatus[str | None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``GET /metrics`` on ``host:port`` until cancelled.
 
     Args:
         host, port: where to listen; port 0 picks a free one.
         status: returns the daemon's status document (what ``status --json`` shows).
 
-    Returns (through ``task_status.started``): the bound address as ``host:port``.
-
-    Raises:
-        OSError: the address cannot be bound (a configuration mistake the operator must see).
+    Returns (through ``task_status.started``): the bound address as ``host:port``, or
+    None when the address cannot be bound: then an ERROR is logged and this returns,
+    because a daemon without its metrics is better than no daemon.
 
     Cancellation: closes the listener and open connections.
     """
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        log.error("no metrics endpoint: cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
+        task_status.started(None)
+        return
     sockname = listeners[0].socket.getsockname()
     bound = f"[{sockname[0]}]:{sockname[1]}" if ":" in sockname[0] else f"{sockname[0]}:{sockname[1]}"
     log.info("serving Prometheus metrics on http://%s/metrics", bound)

@@ -160,8 +160,9 @@ def _render_target(b: _Builder, doc: dict[str, Any], version: str) -> None:
               entry.get("connected"))
         b.add("octofs_replica_last_heartbeat_age_seconds", "gauge", "Seconds since the primary's last heartbeat.", v,
               entry.get("last_heartbeat_age_s"))
-        b.add("octofs_replica_bytes_received_total", "counter", "Op bytes received for the vault since serve started.",
-              v, entry.get("bytes_received"))
+        b.add("octofs_replica_op_bytes_received_total", "counter",
+              "Op record bytes received for the vault since serve started (frame overhead not counted).",
+              v, entry.get("op_bytes_received"))
         b.add("octofs_replica_needs_resync", "gauge", "1 if replay stopped and a Synchronize is needed.", v,
               entry.get("needs_resync") is not None)
         b.add("octofs_replica_error", "gauge", "1 if the replica dir could not be opened.", v, "error" in entry)

@@ -105,6 +105,7 @@ class _VaultSlot:
     conn: _Connection | None = None
     last_heartbeat: float | None = None  # trio time
     error: str | None = None  # why the replica could not be opened
+    op_bytes_received: int = 0  # record payload bytes of op batches applied since serve started (status, metrics)
 
 
 class TargetServer:
@@ -164,6 +165,7 @@ class TargetServer:
                 "peer": slot.conn.peer if slot.conn is not None else None,
                 "last_heartbeat_age_s": None if slot.last_heartbeat is None else round(now - slot.last_heartbeat, 3),
                 "needs_resync": r.needs_resync if r is not None else None,
+                "op_bytes_received": slot.op_bytes_received,
                 "consistent": r.consistent if r is not None else None,
                 "sync": r.sync if r is not None else None,
             }
@@ -304,7 +306,9 @@ class TargetServer:
                     raise _Refused("apply", exc.message, logging.ERROR) from None
                 except ProtocolError as exc:  # a seq gap
                     raise ProtocolError(peer=peer, reason=str(exc.fields.get("reason", exc.message))) from None
-                since_durable_bytes += sum(len(r) for r in msg.records)
+                batch_bytes = sum(len(r) for r in msg.records)
+                since_durable_bytes += batch_bytes
+                slot.op_bytes_received += batch_bytes
                 now = trio.current_time()
                 if (not _more_waiting(stream, decoder) or since_durable_bytes >= DURABLE_EVERY_BYTES
                         or now - last_durable >= DURABLE_EVERY_S):

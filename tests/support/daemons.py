@@ -178,6 +178,7 @@ class Serve:
         self.ready_path = workdir / f"{name}-ready.json"
         self.proc: subprocess.Popen | None = None
         self.starts = 0
+        self.ready_info: dict[str, Any] = {}  # the last start's ready file
 
     @property
     def address(self) -> tuple[str, int]:
@@ -193,7 +194,7 @@ class Serve:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, user: int | None = None, timeout: float = 30.0) -> None:
+    def start(self, user: int | None = None, timeout: float = 30.0, extra_args: tuple[str, ...] = ()) -> None:
         assert not self.running, "already running"
         self.ready_path.unlink(missing_ok=True)
         env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -202,7 +203,8 @@ class Serve:
             logf.flush()
             self.proc = subprocess.Popen(
                 octofs_cmd("serve", "--root", str(self.root), "--listen", f"{self.host}:{self.port}",
-                           "--secret-file", str(self.secret_file), "--ready-file", str(self.ready_path)),
+                           "--secret-file", str(self.secret_file), "--ready-file", str(self.ready_path),
+                           *extra_args),
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env, user=user, cwd="/")
         self.starts += 1
         deadline = time.monotonic() + timeout
@@ -211,6 +213,7 @@ class Serve:
             assert time.monotonic() < deadline, f"serve not ready after {timeout} s:\n{self.log()}"
             time.sleep(0.02)
         info = json.loads(self.ready_path.read_text())
+        self.ready_info = info
         assert info["pid"] == self.proc.pid
         host, _, port = info["listen"].rpartition(":")
         assert self.port in (0, int(port)), info
