@@ -76,8 +76,8 @@ from octofs.ops import (
     MkdirOp,
     MknodOp,
     Op,
-    RemovexattrOp,
     RemoveTreeOp,
+    RemovexattrOp,
     RenameOp,
     RmdirOp,
     SetattrOp,
@@ -188,7 +188,16 @@ def apply_op(root_fd: int, op: Op, *, chown: bool | None = None) -> None:
     if isinstance(op, (RenameOp, LinkOp)):
         handler(root_fd, op, chown)
         return
-    parent_fd, name = _open_parent(root_fd, op.path)
+    try:
+        parent_fd, name = _open_parent(root_fd, op.path)
+    except (FileNotFoundError, NotADirectoryError):
+        if isinstance(op, RemoveTreeOp):
+            return  # no parent directory: the path is absent, which is the op's result
+        raise
+    except OSError as exc:
+        if isinstance(op, RemoveTreeOp) and exc.errno == errno.ELOOP:
+            return  # a symlink where a parent directory would be: the path is absent
+        raise
     try:
         handler(parent_fd, name, op, chown)
     finally:

@@ -61,6 +61,11 @@ class Recorder:
         # without reading the journal back.
         self._index_seqs: list[int] = []
         self._index_times: list[int] = []
+        # Called with (seq, op) after each append, synchronously (Synchronize tracks
+        # what changes while it compares; it must not await).
+        self.listeners: list[Callable[[int, Op], None]] = []
+        self._paused = 0
+        self._resumed = trio.Event()
 
     def record(self, op: Op) -> int:
         """Append ``op``; on failure go failsafe and raise the JournalError."""
@@ -73,9 +78,25 @@ class Recorder:
         if not self._index_times or now - self._index_times[-1] >= INDEX_INTERVAL_NS:
             self._index_seqs.append(seq)
             self._index_times.append(now)
+        for listener in self.listeners:
+            listener(seq, op)
         self._appended.set()
         self._appended = trio.Event()
         return seq
+
+    def pause(self) -> None:
+        """Hold new changes before their syscall (``wait_for_room``) until ``resume``.
+
+        Synchronize reads the backing dir for a repair while no change can slip in
+        between the read and the point in the stream where the repair goes.
+        """
+        self._paused += 1
+
+    def resume(self) -> None:
+        self._paused -= 1
+        if self._paused == 0:
+            self._resumed.set()
+            self._resumed = trio.Event()
 
     def full(self) -> bool:
         room = self.writer.room()
@@ -89,6 +110,8 @@ class Recorder:
         invariant 4). With when_full=resync the change goes ahead and, if the journal
         overflows, the vault goes failsafe and is marked for resync.
         """
+        while self._paused:
+            await self._resumed.wait()
         if self.when_full != "block" or not self.full():
             return
         self.blocked += 1

@@ -151,6 +151,42 @@ def stat_path(root_fd: int, path: bytes) -> EntryInfo | None:
         _close(fd, root_fd)
 
 
+def lstat(root_fd: int, path: bytes) -> os.stat_result | None:
+    """``lstat`` of ``path`` (``b""`` is the root), resolved confined; None if absent."""
+    try:
+        fd, name = _parent(root_fd, path)
+    except OSError as exc:
+        if exc.errno in _MISSING:
+            return None
+        raise
+    try:
+        return os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in _MISSING:
+            return None
+        raise
+    finally:
+        _close(fd, root_fd)
+
+
+def readlink(root_fd: int, path: bytes) -> bytes | None:
+    """The target of the symlink ``path``, or None if it is not one."""
+    try:
+        fd, name = _parent(root_fd, path)
+    except OSError as exc:
+        if exc.errno in _MISSING:
+            return None
+        raise
+    try:
+        return os.fsencode(os.readlink(name, dir_fd=fd))
+    except OSError as exc:
+        if exc.errno in (*_MISSING, errno.EINVAL):
+            return None
+        raise
+    finally:
+        _close(fd, root_fd)
+
+
 def list_dir(root_fd: int, path: bytes) -> list[EntryInfo] | None:
     """Every entry of the directory ``path``, sorted by name; None if it is not a directory."""
     try:
@@ -306,6 +342,8 @@ __all__ = [
     "join",
     "kind_name",
     "list_dir",
+    "lstat",
     "open_regular",
+    "readlink",
     "stat_path",
 ]

@@ -1,0 +1,262 @@
+"""SyncPlan against two local directories: the decisions and repairs of a Synchronize, without a network."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from octofs import apply, scan
+from octofs.exclude import ExcludeFilter
+from octofs.ops import Record
+from octofs.syncplan import SyncPlan, Touches
+from octofs.tree import assert_trees_equal, tree_snapshot
+
+
+def _fd(path: Path) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def run_plan(primary: Path, target: Path, *, verify: bool = False, block_size: int = 4096, **kw) -> SyncPlan:
+    """Drive a plan to the end; the 'target' answers with scan on its dir and applies repairs with apply_op."""
+    pfd, tfd = _fd(primary), _fd(target)
+    try:
+        plan = SyncPlan(pfd, owners=os.geteuid() == 0, verify=verify, block_size=block_size, **kw)
+        for _ in range(10_000):
+            if plan.done:
+                break
+            query = plan.next_query()
+            if query is not None:
+                req, items = query
+                answers = _target_answers(tfd, items, block_size)
+                plan.compare(req, answers, plan.primary_view(items), Touches())
+            for op in plan.produce(1 << 20):
+                apply.apply_op(tfd, op, chown=os.geteuid() == 0)
+        assert plan.done
+        return plan
+    finally:
+        os.close(pfd)
+        os.close(tfd)
+
+
+def _target_answers(tfd: int, items, block_size: int) -> list:
+    out = []
+    for kind, path in items:
+        if kind == "list":
+            listing = scan.list_dir(tfd, path)
+            out.append(None if listing is None else [scan.entry_to_wire(e) for e in listing])
+        elif kind == "stat":
+            info = scan.stat_path(tfd, path)
+            out.append(None if info is None else scan.entry_to_wire(info))
+        else:
+            h = scan.file_hashes(tfd, path, block_size)
+            out.append(None if h is None else list(h))
+    return out
+
+
+def _tree(root: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> tuple[Path, Path]:
+    a, b = tmp_path / "primary", tmp_path / "target"
+    a.mkdir()
+    b.mkdir()
+    return a, b
+
+
+def plant_differences(a: Path, b: Path) -> None:
+    """Everything DoD 1 of issue 4 names: content, metadata, extra, missing, symlinks, hard links."""
+    common = {"same.txt": b"same\n", "d/content.bin": os.urandom(20000), "d/e/deep.txt": b"deep",
+              "mode.txt": b"m", "link-src": b"linked content", "empty": b""}
+    _tree(a, common)
+    _tree(b, common)
+    # content differs in one block, and a size difference
+    (b / "d/content.bin").write_bytes((a / "d/content.bin").read_bytes()[:8192] + b"X" * 4096
+                                      + (a / "d/content.bin").read_bytes()[12288:])
+    _tree(a, {"grow.txt": b"a" * 10000})
+    _tree(b, {"grow.txt": b"a" * 3000})
+    _tree(a, {"shrink.txt": b"b" * 100})
+    _tree(b, {"shrink.txt": b"b" * 9000})
+    # metadata
+    os.chmod(a / "mode.txt", 0o600)
+    os.chmod(b / "mode.txt", 0o644)
+    os.setxattr(a / "same.txt", "user.k", b"v1")
+    os.setxattr(b / "same.txt", "user.old", b"gone")
+    os.utime(b / "same.txt", ns=(1, 1))
+    # missing and extra, files and trees
+    _tree(a, {"only-primary/x/y.txt": b"new", "only-primary/z": b"zz"})
+    _tree(b, {"only-target/q/r.txt": b"old", "only-target.txt": b"extra"})
+    # type changes both ways
+    _tree(a, {"was-dir": b"now a file"})
+    _tree(b, {"was-dir/inner": b"inner"})
+    (a / "was-file").mkdir()
+    _tree(a, {"was-file/k": b"k"})
+    _tree(b, {"was-file": b"file"})
+    # symlinks: missing, different target, replaced
+    os.symlink("same.txt", a / "sym")
+    os.symlink("d/e", a / "sym2")
+    os.symlink("elsewhere", b / "sym2")
+    os.symlink("x", b / "sym3")
+    _tree(a, {"sym3": b"regular"})
+    # hard links: on the primary, not on the target; and the other way round
+    os.link(a / "link-src", a / "link-dst")
+    _tree(b, {"link-dst": b"linked content"})
+    _tree(a, {"sep1": b"one", "sep2": b"one"})
+    _tree(b, {"sep1": b"one"})
+    os.link(b / "sep1", b / "sep2")
+    # a fifo missing
+    os.mkfifo(a / "fifo")
+    os.chmod(a, 0o751)
+
+
+def test_everything_planted_is_repaired(dirs):
+    a, b = dirs
+    plant_differences(a, b)
+    plan = run_plan(a, b)
+    assert_trees_equal(a, b, mtime=True)
+    assert plan.stats.differences >= 15
+    # the link structure is the primary's
+    assert os.stat(b / "link-src").st_ino == os.stat(b / "link-dst").st_ino
+    assert os.stat(b / "sep1").st_ino != os.stat(b / "sep2").st_ino
+
+
+def test_verify_reports_each_difference_and_changes_nothing(dirs):
+    a, b = dirs
+    plant_differences(a, b)
+    before = tree_snapshot(b, mtime=True)
+    plan = run_plan(a, b, verify=True)
+    assert tree_snapshot(b, mtime=True) == before
+    text = "\n".join(plan.lines)
+    for phrase in ["d/content.bin: content differs", "grow.txt: content differs", "mode.txt: differs in mode",
+                   "same.txt: differs in mtime, xattrs", "only-primary: missing on the target",
+                   "only-target: extra on the target", "only-target.txt: extra", "was-dir: dir on the target",
+                   "was-file: file on the target", "sym: missing", "sym2: symlink target",
+                   "sym3: symlink on the target", "link-src: not a hard link of link-dst",
+                   "sep2: hard-linked on the target", "fifo: missing", "/: differs in mode"]:
+        assert phrase in text, (phrase, text)
+
+
+def test_identical_trees_send_nothing(dirs):
+    a, b = dirs
+    for root in (a, b):
+        _tree(root, {f"f{i:03d}/g{j}.txt": f"{i}-{j}".encode() * 50 for i in range(30) for j in range(5)})
+    for rel in (a, b):
+        for p in sorted(rel.rglob("*")):
+            os.utime(p, ns=(10**18, 10**18), follow_symlinks=False)
+    plan = run_plan(a, b)
+    assert plan.stats.differences == 0 and plan.stats.repairs == 0 and plan.stats.repair_bytes == 0
+    assert plan.stats.files == 150
+
+
+def test_one_block_differs_in_a_big_file_sends_one_block(dirs):
+    a, b = dirs
+    data = bytearray(os.urandom(8 << 20))
+    (a / "big").write_bytes(data)
+    data[5_000_000] ^= 0xFF
+    (b / "big").write_bytes(data)
+    os.utime(b / "big", ns=(os.stat(a / "big").st_atime_ns, os.stat(a / "big").st_mtime_ns))
+    plan = run_plan(a, b, block_size=64 * 1024)
+    assert_trees_equal(a, b, mtime=True)
+    assert plan.stats.repair_bytes == 64 * 1024
+
+
+def test_sparse_file_copy_skips_zero_blocks(dirs):
+    a, b = dirs
+    with open(a / "sparse", "wb") as f:
+        f.truncate(50 << 20)
+        f.seek(20 << 20)
+        f.write(b"middle")
+    plan = run_plan(a, b, block_size=64 * 1024)
+    assert_trees_equal(a, b)
+    assert plan.stats.repair_bytes == 64 * 1024
+
+
+def test_excluded_paths_are_neither_compared_nor_removed(dirs):
+    a, b = dirs
+    _tree(a, {"keep.txt": b"k", "cache/p.tmp": b"primary"})
+    _tree(b, {"keep.txt": b"k", "cache/t.tmp": b"target only", "x.log": b"log"})
+    plan = run_plan(a, b, exclude=ExcludeFilter(["cache/", "*.log"]))
+    assert (b / "cache/t.tmp").read_bytes() == b"target only" and (b / "x.log").exists()
+    assert not (b / "cache/p.tmp").exists()
+    assert not [line for line in plan.lines if "cache" in line or ".log" in line]
+
+
+def test_a_listing_touched_in_its_window_is_compared_again(dirs):
+    a, b = dirs
+    _tree(a, {"d/new.txt": b"n"})
+    (b / "d").mkdir()
+    pfd, tfd = _fd(a), _fd(b)
+    try:
+        plan = SyncPlan(pfd, owners=False, paths=[b"d"])
+        req, items = plan.next_query()
+        plan.compare(req, _target_answers(tfd, items, 4096), plan.primary_view(items), Touches())
+        req, items = plan.next_query()
+        assert items == [("list", b"d")]
+        busy = Touches(entries={b"d/new.txt"})
+        plan.compare(req, _target_answers(tfd, items, 4096), plan.primary_view(items), busy)
+        assert not plan.has_repairs and plan.stats.rechecks == 1
+        req, items = plan.next_query()
+        assert items == [("stat", b"d/new.txt")]
+        plan.compare(req, _target_answers(tfd, items, 4096), plan.primary_view(items), Touches())
+        assert plan.has_repairs
+    finally:
+        os.close(pfd)
+        os.close(tfd)
+
+
+def test_written_blocks_are_sent_even_when_hashes_match(dirs):
+    a, b = dirs
+    _tree(a, {"f": b"x" * 20000})
+    _tree(b, {"f": b"x" * 20000})
+    pfd, tfd = _fd(a), _fd(b)
+    try:
+        plan = SyncPlan(pfd, owners=False, paths=[b"f"], block_size=4096)
+        req, items = plan.next_query()
+        plan.compare(req, _target_answers(tfd, items, 4096), plan.primary_view(items), Touches())
+        req, items = plan.next_query()
+        assert items == [("hash", b"f")]
+        plan.compare(req, _target_answers(tfd, items, 4096), plan.primary_view(items),
+                     Touches(data={b"f": [(5000, 5001)]}))
+        ops = plan.produce(1 << 20)
+        writes = [op for op in ops if type(op).__name__ == "WriteOp"]
+        assert [(w.offset, len(w.data)) for w in writes] == [(4096, 4096)]
+    finally:
+        os.close(pfd)
+        os.close(tfd)
+
+
+def test_remove_tree_op_is_confined_and_tolerant(tmp_path: Path):
+    from octofs.ops import RemoveTreeOp
+    root = tmp_path / "r"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("k")
+    root.mkdir()
+    (root / "d/e").mkdir(parents=True)
+    (root / "d/e/f").write_text("f")
+    os.symlink(outside, root / "d/link")
+    os.symlink(outside, root / "l")
+    fd = _fd(root)
+    try:
+        apply.apply_op(fd, RemoveTreeOp(b"d"))
+        apply.apply_op(fd, RemoveTreeOp(b"d"))  # already absent
+        apply.apply_op(fd, RemoveTreeOp(b"l/keep"))  # through a symlink: not followed
+        apply.apply_op(fd, RemoveTreeOp(b"missing/deeper"))
+    finally:
+        os.close(fd)
+    assert not (root / "d").exists() and (outside / "keep").exists() and os.path.islink(root / "l")
+    assert stat.S_ISDIR(os.stat(outside).st_mode)
+
+
+def test_repair_record_round_trips_through_the_codec():
+    from octofs import codec
+    from octofs.ops import RemoveTreeOp
+    rec = Record(5, 1, RemoveTreeOp(b"a/b"))
+    assert codec.decode_record(codec.encode_record(rec)) == rec
