@@ -24,7 +24,7 @@ from pathlib import Path
 
 import trio
 
-from octofs import paths, state
+from octofs import paths, sdnotify, state
 from octofs.config import VaultConfig
 from octofs.control import ControlRequestError, serve_control
 from octofs.errors import ConfigValueError, JournalError
@@ -162,6 +162,7 @@ class PrimaryDaemon:
                 if ready_file is not None:
                     write_ready_file(ready_file, {"pid": os.getpid(), "mountpoint": str(self.mountpoint),
                                                   "metrics": self.metrics_address})
+                sdnotify.notify("READY=1")  # systemd Type=notify (docs/systemd/octofs-mount@.service)
                 await serve_mount()
                 log.info("filesystem unmounted, shutting down")
                 nursery.cancel_scope.cancel()

@@ -9,7 +9,7 @@ import os
 import signal
 from pathlib import Path
 
-from octofs import state
+from octofs import sdnotify, state
 from octofs.cli.common import add_command, setup_logging
 from octofs.config import ServeConfig, load_serve_config
 from octofs.errors import ConfigFileError, UsageError
@@ -90,6 +90,7 @@ async def _serve(cfg: ServeConfig, secret: bytes, ready: Path | None) -> None:
             if ready is not None:
                 info = {"pid": os.getpid(), "listen": format_address(*bound), **extra}
                 state.write_atomic(ready, json.dumps(info).encode(), 0o644)
+            sdnotify.notify("READY=1")  # systemd Type=notify (docs/systemd/octofs-serve@.service)
             async for signum in signals:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
