@@ -19,14 +19,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import yaml
 
 from octofs import __version__, discovery
 from tests.support.daemons import REPO
 from tests.support.netns import Host, lan, require_netns
-
-pytestmark = pytest.mark.slow
 
 
 @contextlib.contextmanager
@@ -138,3 +135,19 @@ def test_discover_rejects_a_bad_timeout() -> None:
     assert "Traceback" not in result.stderr
 
 
+
+
+def test_lan_teardown_removes_every_namespace_even_after_a_failure() -> None:
+    require_netns()
+    seen: list[str] = []
+    try:
+        with lan(["x", "y"]) as hosts:
+            seen = [h.ns for h in hosts.values()]
+            listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+            assert all(ns in listed for ns in seen)
+            raise RuntimeError("the test body failed")
+    except RuntimeError as exc:
+        assert str(exc) == "the test body failed"
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert len(seen) == 2 and not any(ns in listed for ns in seen), listed
+    assert seen[0].rsplit("-", 1)[0] + "-br" not in listed
