@@ -162,7 +162,11 @@ async def serve_discovery(template: Answer, *, port: int = discovery.PORT, host:
         next_join = trio.current_time() + REJOIN_INTERVAL_S
         while True:
             with trio.move_on_at(next_join):
-                data, addr = await sock.recvfrom(discovery.MAX_DATAGRAM_BYTES + 1)
+                try:
+                    data, addr = await sock.recvfrom(discovery.MAX_DATAGRAM_BYTES + 1)
+                except OSError as exc:  # e.g. a queued ICMP error; the socket itself is still good
+                    log.debug("discovery socket: %s", exc)
+                    continue
                 try:
                     query = discovery.decode_query(data)
                 except DiscoveryError as exc:
