@@ -33,7 +33,9 @@ from octofs.fs.mount import mount_options, open_mount, serve_mount, terminate
 from octofs.fs.operations import PassthroughOperations
 from octofs.journal import JournalReader, JournalWriter, drop_segments_before
 from octofs.recorder import Recorder
+from octofs.exclude import ExcludeFilter
 from octofs.shipper import Forwarding, Shipper, wait_sync_targets
+from octofs.syncer import SyncJob
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +137,9 @@ class PrimaryDaemon:
                                          replicated=replicated)
         secret = self._secret() if cfg.targets else b""
         vault_id = state.vault_id(self.state_dir)
+        # Synchronize reads the backing dir through this fd (confined, syncplan.py).
+        self.backing_fd = os.open(cfg.backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        origin_empty = self._origin(writer) == "empty"
         for t in cfg.targets:
             self.shippers.append(Shipper(
                 name=t.name, host=t.host, port=t.port, mode=t.mode, vault=cfg.vault, vault_id=vault_id,
@@ -142,7 +147,16 @@ class PrimaryDaemon:
                 journal_dir=paths.journal_dir(self.state_dir), recorder=self.recorder,
                 forwarding=self.forwarding, acked_seq=_read_acked(self.state_dir, t.name),
                 sync_timeout_s=t.sync_timeout_s, on_timeout=t.on_timeout,
+                backing_fd=self.backing_fd, exclude=ExcludeFilter(cfg.exclude), state_dir=self.state_dir,
+                origin_empty=origin_empty,
             ))
+        reason = state.needs_resync(self.state_dir)
+        if reason is not None:
+            # The journal lost an op (failsafe): every target is synchronized (persisted first,
+            # then the mark can go).
+            for sh in self.shippers:
+                sh.request_sync(SyncJob(target=sh.name, reason=f"the primary's journal lost an op: {reason}"))
+            state.clear_needs_resync(self.state_dir)
         self._seed_lag_index()
         options = mount_options(str(self.state_dir), allow_other=cfg.allow_other)
         async with open_mount(self.ops, self.mountpoint, options):
@@ -150,6 +164,7 @@ class PrimaryDaemon:
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve_control, paths.control_socket_path(self.state_dir), {
                     "status": self._status, "wait_synced": self._wait_synced, "forward": self._forward,
+                    "sync": self._sync,
                 })
                 if cfg.metrics is not None:  # the same document as `status --json` (docs/METRICS.md)
                     self.metrics_address = await nursery.start(serve_metrics, *cfg.metrics, lambda: self._status({}))
@@ -171,6 +186,42 @@ class PrimaryDaemon:
                     await self.recorder.sync_all()
             for sh in self.shippers:  # so that status after a remount starts from the truth
                 _write_acked(self.state_dir, sh.name, sh.acked_seq)
+
+    def _origin(self, writer: JournalWriter) -> str:
+        """"empty" if the backing dir was empty when this vault's journal began, else "existing".
+
+        Recorded once, at the first mount. A target that streams the journal from seq 1 of an
+        empty-born vault needs no Synchronize; any other new target gets one.
+        """
+        path = self.state_dir / "origin"
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            pass
+        fresh = writer.last_seq == 0 and writer.statistics().first_seq <= 1
+        origin = "empty" if fresh and not os.listdir(self.cfg.backing) else "existing"
+        state.write_atomic(path, origin.encode() + b"\n")
+        return origin
+
+    async def _sync(self, request: dict) -> dict:
+        """Start a Synchronize (or verify-only pass) of one or every target (docs/CLI_JSON.md)."""
+        name = request.get("target")
+        verify = bool(request.get("verify"))
+        chosen = [sh for sh in self.shippers if name in (None, sh.name)]
+        if not self.shippers:
+            raise ControlRequestError(f"vault {self.cfg.vault} has no targets")
+        if not chosen:
+            raise ControlRequestError(f"vault {self.cfg.vault} has no target named {name!r}; "
+                                      f"targets: {', '.join(sh.name for sh in self.shippers)}")
+        jobs = []
+        for sh in chosen:
+            try:
+                job = sh.request_sync(SyncJob(target=sh.name, verify=verify,
+                                              reason="verify requested" if verify else "requested"))
+            except ValueError as exc:
+                raise ControlRequestError(str(exc)) from None
+            jobs.append({"target": sh.name, "id": job.sync_id.hex()})
+        return {"jobs": jobs}
 
     def _seed_lag_index(self) -> None:
         """Tell the recorder when the oldest op each target still lacks was journaled (before this mount)."""
@@ -243,8 +294,13 @@ class PrimaryDaemon:
         with trio.move_on_after(timeout_s):
             for shipper in self.shippers:
                 await shipper.wait_acked(seq)
+                await shipper.wait_consistent()  # and no Synchronize is pending or under way
             return {"synced": True, "seq": seq}
         behind = {sh.name: sh.acked_seq for sh in self.shippers if sh.acked_seq < seq}
+        syncing = [sh.name for sh in self.shippers if sh.consistent is not True]
+        if syncing and not behind:
+            return {"synced": False, "seq": seq, "reason": f"timed out after {timeout_s:g} s: not consistent yet "
+                    f"(Synchronize pending or under way): {', '.join(syncing)}", "acked": {}}
         return {"synced": False, "seq": seq, "reason": f"timed out after {timeout_s:g} s", "acked": behind}
 
     async def _forward(self, request: dict) -> dict:
@@ -277,6 +333,10 @@ class PrimaryDaemon:
                     saved[sh.name] = sh.acked_seq
             # Without targets, nobody needs ops once they are durable here.
             low = min(sh.acked_seq for sh in self.shippers) if self.shippers else self.recorder.writer.durable_seq
+            # A Synchronize resumes by re-reading the ops since its last checkpoint: keep them.
+            for sh in self.shippers:
+                if sh.job is not None and not sh.job.verify and sh.job.checkpoint_seq:
+                    low = min(low, sh.job.checkpoint_seq)
             if low > 0:
                 dropped = await trio.to_thread.run_sync(drop_segments_before, journal_dir, low + 1)
                 if dropped:

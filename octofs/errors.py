@@ -9,6 +9,7 @@ the constructor; ``hint`` is an optional second line for the user.
 
     OctofsError                      1   unexpected (traceback logged)
     ├── UsageError                   2   bad flag or argument
+    ├── DifferencesFoundError        3   `sync --verify-only` found the target differs
     ├── ConfigError                  10  vault.yaml / SERVE.yaml problems
     │   ├── ConfigFileError          11  missing or unreadable file
     │   ├── ConfigSyntaxError        12  not valid YAML
@@ -78,6 +79,13 @@ class UsageError(OctofsError):
     """{detail}"""
 
     exit_code = 2
+
+
+class DifferencesFoundError(OctofsError):
+    """The target copy differs from the primary: {count} difference(s) found by verify"""
+
+    exit_code = 3
+    hint = "run `octofs sync` to repair them"
 
 
 # -- configuration ----------------------------------------------------------

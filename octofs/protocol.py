@@ -154,11 +154,10 @@ class Repair:
 
 @dataclass(frozen=True, slots=True)
 class SyncCheckpoint:
-    """primary → target: every path before ``cursor`` (walk order) is verified; persist it with ``seq``."""
+    """primary → target: every path before ``cursor`` (walk order) is verified; persist it (with the applied seq)."""
 
     sync_id: bytes
     cursor: bytes
-    seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +206,7 @@ _FIELDS: dict[type, dict[str, tuple[type, ...]]] = {
     SyncQuery: {"req": (int,), "block_size": (int,), "items": (list,)},
     SyncAnswer: {"req": (int,), "seq": (int,), "results": (list,)},
     Repair: {"records": (list,)},
-    SyncCheckpoint: {"sync_id": (bytes,), "cursor": (bytes,), "seq": (int,)},
+    SyncCheckpoint: {"sync_id": (bytes,), "cursor": (bytes,)},
     SyncEnd: {"sync_id": (bytes,), "differences": (int,)},
 }
 # Fields a peer may leave out (it predates them): absent means the dataclass default.

@@ -417,7 +417,7 @@ async def _sync_message(stream: trio.abc.Stream, peer: str, replica: Replica, ms
         elif isinstance(msg, protocol.SyncBegin):
             await trio.to_thread.run_sync(replica.begin_sync, msg.sync_id, msg.reset_seq, msg.verify)
         elif isinstance(msg, protocol.SyncCheckpoint):
-            await trio.to_thread.run_sync(replica.checkpoint_sync, msg.sync_id, msg.cursor, msg.seq)
+            await trio.to_thread.run_sync(replica.checkpoint_sync, msg.sync_id, msg.cursor)
         elif isinstance(msg, protocol.SyncEnd):
             await trio.to_thread.run_sync(replica.end_sync, msg.sync_id, msg.differences)
     except OpError as exc:

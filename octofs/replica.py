@@ -519,12 +519,12 @@ class Replica:
         self.make_durable()
         log.info("vault %s: Synchronize %s started at seq %d", self.vault, sync_id.hex()[:8], self.applied_seq)
 
-    def checkpoint_sync(self, sync_id: bytes, cursor: bytes, seq: int) -> None:
-        """Everything before ``cursor`` is verified: make it durable, then remember the cursor."""
+    def checkpoint_sync(self, sync_id: bytes, cursor: bytes) -> None:
+        """Everything before ``cursor`` is verified: make it durable, then remember the cursor and the seq."""
         if self.sync is None or self.sync["id"] != sync_id.hex():
             return  # a verify-only pass, or a stale id: nothing to persist
         self.make_durable()
-        self.sync = {"id": sync_id.hex(), "cursor": cursor.hex(), "seq": seq}
+        self.sync = {"id": sync_id.hex(), "cursor": cursor.hex(), "seq": self.applied_seq}
         self._write_sync_state()
 
     def end_sync(self, sync_id: bytes, differences: int) -> None:

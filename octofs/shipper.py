@@ -31,7 +31,7 @@ from pathlib import Path
 
 import trio
 
-from octofs import codec, protocol
+from octofs import codec, protocol, syncer
 from octofs.errors import (
     JournalError,
     PeerAuthError,
@@ -39,8 +39,11 @@ from octofs.errors import (
     PeerVersionError,
     ProtocolError,
 )
+from octofs.exclude import ExcludeFilter
 from octofs.journal import JournalReader
+from octofs.ops import Record
 from octofs.recorder import Recorder
+from octofs.syncer import SyncJob
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,8 @@ class TargetStatistics:
     sync_state: str  # "async"; for mode sync: "sync", or "degraded" after sync_timeout
     sync_waiters: int  # fsyncs waiting for this target's durable ack right now
     degraded_reason: str | None
+    consistent: bool | None  # None until the target has been heard from
+    synchronize: dict | None  # the Synchronize (or verify) under way or last finished (docs/CLI_JSON.md)
 
 
 class _ForwardingOff(Exception):
@@ -139,6 +144,10 @@ class Shipper:
         acked_seq: int = 0,
         sync_timeout_s: float = 5.0,
         on_timeout: str = "degrade",
+        backing_fd: int | None = None,
+        exclude: ExcludeFilter | None = None,
+        state_dir: Path | None = None,
+        origin_empty: bool = False,
     ) -> None:
         self.name = name
         self.host = host
@@ -167,6 +176,19 @@ class Shipper:
         self.on_timeout = on_timeout
         self.degraded_reason: str | None = None
         self.sync_waiters = 0
+        # Synchronize (syncer.py): the job under way or pending, the last one finished.
+        self._backing_fd = backing_fd
+        self._exclude = exclude or ExcludeFilter()
+        self._state_dir = state_dir
+        self._origin_empty = origin_empty
+        self.job: SyncJob | None = syncer.load_pending(state_dir, name) if state_dir is not None else None
+        self.last_job: SyncJob | None = None
+        self.target_consistent: bool | None = None
+        self._job_changed = trio.Event()
+        self._consistent_changed = trio.Event()
+        self._sent_seq = 0
+        self._sent_changed = trio.Event()
+        self._answers: dict[int, list] = {}  # req -> [event, answer]
 
     @property
     def address(self) -> str:
@@ -194,7 +216,120 @@ class Shipper:
             sync_state="async" if self.mode != "sync" else ("degraded" if self.degraded_reason else "sync"),
             sync_waiters=self.sync_waiters,
             degraded_reason=self.degraded_reason,
+            consistent=self.consistent,
+            synchronize=(self.job or self.last_job).status() if (self.job or self.last_job) else None,
         )
+
+    # -- Synchronize ----------------------------------------------------------
+
+    @property
+    def consistent(self) -> bool | None:
+        """Whether the target's copy is a state the primary had (no Synchronize pending or under way)."""
+        if self.job is not None and not self.job.verify:
+            return False
+        return self.target_consistent
+
+    def request_sync(self, job: SyncJob) -> SyncJob:
+        """Queue a Synchronize or verify-only pass; it runs now if connected, else at the next connect.
+
+        A Synchronize already pending or under way is returned instead of a new one; a verify-only
+        pass is refused (ValueError) while a Synchronize is pending, since it would only report
+        what that Synchronize is about to repair.
+        """
+        if self.job is not None:
+            if job.verify or self.job.verify:
+                raise ValueError(f"target {self.name}: a {'verify' if self.job.verify else 'Synchronize'} "
+                                 "is already under way")
+            return self.job
+        if not job.verify and self._state_dir is not None:
+            syncer.save_pending(self._state_dir, job)
+        self.job = job
+        self._job_changed.set()
+        self._job_changed = trio.Event()
+        self._consistent_changed.set()
+        self._consistent_changed = trio.Event()
+        return job
+
+    def _job_finished(self, job: SyncJob) -> None:
+        if not job.verify:
+            if self._state_dir is not None:
+                syncer.clear_pending(self._state_dir, job)
+            self.target_consistent = True
+        self.last_job = job
+        if self.job is job:
+            self.job = None
+        self._consistent_changed.set()
+        self._consistent_changed = trio.Event()
+
+    async def wait_consistent(self) -> None:
+        """Return once no Synchronize is pending or under way and the target has been heard from."""
+        while self.consistent is not True:
+            await self._consistent_changed.wait()
+
+    async def _sync_driver(self, stream: trio.abc.Stream, send_lock: trio.Lock) -> None:
+        """Run pending jobs on this connection, one at a time."""
+        link = _Link(self, stream, send_lock)
+        while True:
+            job = self.job
+            if job is None or self._backing_fd is None:
+                await self._job_changed.wait()
+                continue
+            try:
+                await syncer.drive(job, link, recorder=self._recorder, backing_fd=self._backing_fd,
+                                   exclude=self._exclude, journal_ops=self._journal_ops)
+            except ValueError as exc:  # a malformed answer from the target
+                job.error = str(exc)
+                raise ProtocolError(peer=self.address, reason=f"Synchronize: {exc}") from None
+            except OSError as exc:
+                job.error = f"reading the backing dir: {exc}"
+                raise
+            self._job_finished(job)
+
+    def _journal_ops(self, after: int) -> list | None:
+        """The journaled (seq, op) after ``after``, or None if some were dropped."""
+        try:
+            recs = list(JournalReader(self._journal_dir).records(after + 1))
+        except JournalError:
+            return None
+        if recs and recs[0].seq != after + 1:
+            return None
+        return [(r.seq, r.op) for r in recs]
+
+    def _plan_on_connect(self, welcome: protocol.Welcome) -> int | None:
+        """Decide what the target needs now; return the reset seq if it must jump forward, else None."""
+        writer = self._recorder.writer
+        first = writer.statistics().first_seq
+        need = welcome.acked_seq + 1
+        lost = (need < first and need <= writer.last_seq) or welcome.acked_seq > writer.last_seq
+        self.target_consistent = welcome.needs_resync is None and welcome.sync is None
+        job = self.job
+        if welcome.needs_resync is not None or lost:
+            reason = (f"the target needs a resync: {welcome.needs_resync}" if welcome.needs_resync is not None
+                      else f"the target needs ops from seq {need}, but the journal starts at {first}"
+                      if welcome.acked_seq <= writer.last_seq
+                      else f"the target is at seq {welcome.acked_seq}, ahead of this journal ({writer.last_seq})")
+            log.warning("target %s: %s; synchronizing", self.name, reason)
+            if job is not None:
+                self.job = None
+            self.request_sync(SyncJob(target=self.name, reason=reason, reset=True))
+            self.target_consistent = False
+            return writer.last_seq
+        if job is not None and job.verify:
+            return None
+        if welcome.sync is not None:
+            if job is not None and welcome.sync.get("id") == job.sync_id.hex():
+                job.resume = welcome.sync
+            elif job is None:
+                self.request_sync(SyncJob(target=self.name, reason="the target was in the middle of a "
+                                          "Synchronize this primary does not know"))
+            return None
+        if job is None and not welcome.synced:
+            trivial = self._origin_empty
+            self.request_sync(SyncJob(target=self.name, trivial=trivial,
+                                      reason="first contact (the vault was empty when its journal began)"
+                                      if trivial else "first contact: the target has never been synchronized"))
+        return None
+
 
     async def wait_sync_ack(self, seq: int) -> None:
         """For an fsync in sync mode: wait until this target has made ``seq`` durable.
@@ -289,6 +424,16 @@ class Shipper:
             self.owners = welcome.owners
             self._inflight.clear()
             self._inflight_bytes = 0
+            self._answers.clear()
+            reset_seq = self._plan_on_connect(welcome)
+            if reset_seq is not None:
+                # The target missed ops the journal no longer has: it jumps to reset_seq, and the
+                # Synchronize that starts here repairs whatever those ops changed.
+                job = self.job
+                assert job is not None
+                await stream.send_all(protocol.encode(protocol.SyncBegin(job.sync_id, max(1, reset_seq), False)))
+                job.resume = {"cursor": "", "seq": max(1, reset_seq)}
+                welcome = protocol.Welcome(max(1, reset_seq), welcome.epoch, welcome.owners)
             # The target is authoritative about what it holds.
             self.acked_seq = welcome.acked_seq
             self._acked_changed.set()
@@ -304,6 +449,7 @@ class Shipper:
                     nursery.start_soon(self._receive, stream, decoder)
                     nursery.start_soon(self._heartbeat, stream, send_lock)
                     nursery.start_soon(self._watch_forwarding)
+                    nursery.start_soon(self._sync_driver, stream, send_lock)
                     await self._send_loop(stream, send_lock)
             except BaseExceptionGroup as group:
                 # trio wraps what the connection's tasks raised; the first real error
@@ -332,6 +478,12 @@ class Shipper:
             while (msg := decoder.next_message()) is not None:
                 if isinstance(msg, protocol.Ack):
                     self._set_acked(msg.seq)
+                elif isinstance(msg, protocol.SyncAnswer):
+                    slot = self._answers.get(msg.req)
+                    if slot is None:
+                        raise ProtocolError(peer=self.address, reason=f"an answer to unknown query {msg.req}")
+                    slot[1] = msg
+                    slot[0].set()
                 elif isinstance(msg, protocol.Error):
                     raise _refusal(msg, self.address)
                 else:
@@ -355,6 +507,7 @@ class Shipper:
         writer = recorder.writer
         reader = JournalReader(self._journal_dir)
         next_seq = self.acked_seq + 1
+        self._set_sent(self.acked_seq)
         held: collections.deque = collections.deque()  # read past the durable point; sent later
         while True:
             if next_seq > writer.last_seq:
@@ -393,10 +546,71 @@ class Shipper:
             frame = protocol.encode(protocol.OpBatch(tuple(batch)))
             async with send_lock:
                 await stream.send_all(frame)
+                self._set_sent(last_seq)
             self.bytes_sent += len(frame)
             self._inflight.append((last_seq, len(frame)))
             self._inflight_bytes += len(frame)
             next_seq = last_seq + 1
+
+    def _set_sent(self, seq: int) -> None:
+        self._sent_seq = seq
+        self._sent_changed.set()
+        self._sent_changed = trio.Event()
+
+
+class _Link:
+    """The SyncLink (syncer.py) of one connection: frames in stream order, under the send lock."""
+
+    def __init__(self, shipper: Shipper, stream: trio.abc.Stream, send_lock: trio.Lock) -> None:
+        self._sh = shipper
+        self._stream = stream
+        self._lock = send_lock
+        self.owners = bool(shipper.owners)
+
+    async def send(self, msg: protocol.Message) -> int:
+        frame = protocol.encode(msg)
+        async with self._lock:
+            pos = self._sh._sent_seq
+            await self._stream.send_all(frame)
+        self._sh.bytes_sent += len(frame)
+        return pos
+
+    async def query(self, req: int, block_size: int, items: list[tuple[str, bytes]]) -> tuple[int, protocol.SyncAnswer]:
+        slot: list = [trio.Event(), None]
+        self._sh._answers[req] = slot
+        try:
+            pos = await self.send(protocol.SyncQuery(req, block_size, tuple(items)))
+            await slot[0].wait()
+            return pos, slot[1]
+        finally:
+            self._sh._answers.pop(req, None)
+
+    async def fence(self) -> None:
+        await self.query(0, 65536, [])  # req 0 is never a plan's
+
+    async def repair(self, produce) -> int:
+        sh = self._sh
+        writer = sh._recorder.writer
+        sh._recorder.pause()
+        try:
+            # Everything journaled must be out first (the send loop makes it durable and sends it).
+            while sh._sent_seq < writer.last_seq:
+                await sh._sent_changed.wait()
+            async with self._lock:
+                seq = writer.last_seq
+                if sh._sent_seq != seq:  # cannot happen while changes are held; never send out of place
+                    raise ProtocolError(peer=sh.address, reason="internal: a repair out of place")
+                now = time.time_ns()
+                ops = produce(seq)  # reads the backing dir: no await from here to the send
+                if not ops:
+                    return 0
+                frame = protocol.encode(protocol.Repair(tuple(codec.encode_record(Record(seq + 1, now, op))
+                                                              for op in ops)))
+                await self._stream.send_all(frame)
+        finally:
+            sh._recorder.resume()
+        sh.bytes_sent += len(frame)
+        return len(frame)
 
 
 async def _expect(stream: trio.abc.Stream, decoder: protocol.FrameDecoder, cls: type, name: str):

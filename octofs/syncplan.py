@@ -162,6 +162,10 @@ class SyncPlan:
         self._queued.add((kind, path))
         heapq.heappush(self._queue, (path_key(path), kind, path, attempts))
 
+    def recheck(self, path: bytes) -> None:
+        """Compare ``path`` (again), e.g. because an op changed it while nobody was watching."""
+        self._push("stat", path, 0)
+
     def _resumed_past(self, path: bytes) -> bool:
         """Whether ``path`` was verified before an interruption (it lies before the cursor, not above it)."""
         if self.resume_key is None:

@@ -13,6 +13,7 @@ from octofs.exclude import ExcludeFilter
 from octofs.ops import Record
 from octofs.syncplan import SyncPlan, Touches
 from octofs.tree import assert_trees_equal, tree_snapshot
+from tests.support.planted import PLANTED_PHRASES, make_tree, plant_differences
 
 
 def _fd(path: Path) -> int:
@@ -56,64 +57,12 @@ def _target_answers(tfd: int, items, block_size: int) -> list:
     return out
 
 
-def _tree(root: Path, files: dict[str, bytes]) -> None:
-    for rel, data in files.items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-
-
 @pytest.fixture
 def dirs(tmp_path: Path) -> tuple[Path, Path]:
     a, b = tmp_path / "primary", tmp_path / "target"
     a.mkdir()
     b.mkdir()
     return a, b
-
-
-def plant_differences(a: Path, b: Path) -> None:
-    """Everything DoD 1 of issue 4 names: content, metadata, extra, missing, symlinks, hard links."""
-    common = {"same.txt": b"same\n", "d/content.bin": os.urandom(20000), "d/e/deep.txt": b"deep",
-              "mode.txt": b"m", "link-src": b"linked content", "empty": b""}
-    _tree(a, common)
-    _tree(b, common)
-    # content differs in one block, and a size difference
-    (b / "d/content.bin").write_bytes((a / "d/content.bin").read_bytes()[:8192] + b"X" * 4096
-                                      + (a / "d/content.bin").read_bytes()[12288:])
-    _tree(a, {"grow.txt": b"a" * 10000})
-    _tree(b, {"grow.txt": b"a" * 3000})
-    _tree(a, {"shrink.txt": b"b" * 100})
-    _tree(b, {"shrink.txt": b"b" * 9000})
-    # metadata
-    os.chmod(a / "mode.txt", 0o600)
-    os.chmod(b / "mode.txt", 0o644)
-    os.setxattr(a / "same.txt", "user.k", b"v1")
-    os.setxattr(b / "same.txt", "user.old", b"gone")
-    os.utime(b / "same.txt", ns=(1, 1))
-    # missing and extra, files and trees
-    _tree(a, {"only-primary/x/y.txt": b"new", "only-primary/z": b"zz"})
-    _tree(b, {"only-target/q/r.txt": b"old", "only-target.txt": b"extra"})
-    # type changes both ways
-    _tree(a, {"was-dir": b"now a file"})
-    _tree(b, {"was-dir/inner": b"inner"})
-    (a / "was-file").mkdir()
-    _tree(a, {"was-file/k": b"k"})
-    _tree(b, {"was-file": b"file"})
-    # symlinks: missing, different target, replaced
-    os.symlink("same.txt", a / "sym")
-    os.symlink("d/e", a / "sym2")
-    os.symlink("elsewhere", b / "sym2")
-    os.symlink("x", b / "sym3")
-    _tree(a, {"sym3": b"regular"})
-    # hard links: on the primary, not on the target; and the other way round
-    os.link(a / "link-src", a / "link-dst")
-    _tree(b, {"link-dst": b"linked content"})
-    _tree(a, {"sep1": b"one", "sep2": b"one"})
-    _tree(b, {"sep1": b"one"})
-    os.link(b / "sep1", b / "sep2")
-    # a fifo missing
-    os.mkfifo(a / "fifo")
-    os.chmod(a, 0o751)
 
 
 def test_everything_planted_is_repaired(dirs):
@@ -134,19 +83,14 @@ def test_verify_reports_each_difference_and_changes_nothing(dirs):
     plan = run_plan(a, b, verify=True)
     assert tree_snapshot(b, mtime=True) == before
     text = "\n".join(plan.lines)
-    for phrase in ["d/content.bin: content differs", "grow.txt: content differs", "mode.txt: differs in mode",
-                   "same.txt: differs in mtime, xattrs", "only-primary: missing on the target",
-                   "only-target: extra on the target", "only-target.txt: extra", "was-dir: dir on the target",
-                   "was-file: file on the target", "sym: missing", "sym2: symlink target",
-                   "sym3: symlink on the target", "link-src: not a hard link of link-dst",
-                   "sep2: hard-linked on the target", "fifo: missing", "/: differs in mode"]:
+    for phrase in PLANTED_PHRASES:
         assert phrase in text, (phrase, text)
 
 
 def test_identical_trees_send_nothing(dirs):
     a, b = dirs
     for root in (a, b):
-        _tree(root, {f"f{i:03d}/g{j}.txt": f"{i}-{j}".encode() * 50 for i in range(30) for j in range(5)})
+        make_tree(root, {f"f{i:03d}/g{j}.txt": f"{i}-{j}".encode() * 50 for i in range(30) for j in range(5)})
     for rel in (a, b):
         for p in sorted(rel.rglob("*")):
             os.utime(p, ns=(10**18, 10**18), follow_symlinks=False)
@@ -180,8 +124,8 @@ def test_sparse_file_copy_skips_zero_blocks(dirs):
 
 def test_excluded_paths_are_neither_compared_nor_removed(dirs):
     a, b = dirs
-    _tree(a, {"keep.txt": b"k", "cache/p.tmp": b"primary"})
-    _tree(b, {"keep.txt": b"k", "cache/t.tmp": b"target only", "x.log": b"log"})
+    make_tree(a, {"keep.txt": b"k", "cache/p.tmp": b"primary"})
+    make_tree(b, {"keep.txt": b"k", "cache/t.tmp": b"target only", "x.log": b"log"})
     plan = run_plan(a, b, exclude=ExcludeFilter(["cache/", "*.log"]))
     assert (b / "cache/t.tmp").read_bytes() == b"target only" and (b / "x.log").exists()
     assert not (b / "cache/p.tmp").exists()
@@ -190,7 +134,7 @@ def test_excluded_paths_are_neither_compared_nor_removed(dirs):
 
 def test_a_listing_touched_in_its_window_is_compared_again(dirs):
     a, b = dirs
-    _tree(a, {"d/new.txt": b"n"})
+    make_tree(a, {"d/new.txt": b"n"})
     (b / "d").mkdir()
     pfd, tfd = _fd(a), _fd(b)
     try:
@@ -213,8 +157,8 @@ def test_a_listing_touched_in_its_window_is_compared_again(dirs):
 
 def test_written_blocks_are_sent_even_when_hashes_match(dirs):
     a, b = dirs
-    _tree(a, {"f": b"x" * 20000})
-    _tree(b, {"f": b"x" * 20000})
+    make_tree(a, {"f": b"x" * 20000})
+    make_tree(b, {"f": b"x" * 20000})
     pfd, tfd = _fd(a), _fd(b)
     try:
         plan = SyncPlan(pfd, owners=False, paths=[b"f"], block_size=4096)

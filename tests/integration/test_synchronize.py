@@ -1,0 +1,272 @@
+"""Synchronize end to end (issue 4, "Done means"): real mounts, real `octofs serve`, real TCP on 127.0.0.1.
+
+Every test ends by comparing the backing dir with the target's copy byte for byte
+(mtimes included). Barriers are `wait_synced` (which also waits for a Synchronize to
+finish) or `octofs sync`, which returns when its job is done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from octofs.state import mark_needs_resync
+from tests.support.daemons import Serve, free_port, mounted, run_octofs, serving, wait_until, write_vault_yaml
+from tests.support.planted import PLANTED_PHRASES, make_tree, plant_differences
+from tests.support.trees import assert_trees_equal, tree_snapshot
+
+pytestmark = pytest.mark.fuse
+
+
+@pytest.fixture
+def secret(tmp_path: Path) -> Path:
+    path = tmp_path / "secret"
+    path.write_text(os.urandom(16).hex() + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def target(tmp_path: Path, secret: Path) -> Iterator[Serve]:
+    with serving(tmp_path / "target", secret, workdir=tmp_path, port=free_port()) as s:
+        yield s
+
+
+def vault_yaml(tmp_path: Path, secret: Path, targets: dict[str, str], **extra) -> Path:
+    doc = {"secret_file": str(secret), "targets": [{"name": n, "address": a} for n, a in targets.items()], **extra}
+    return write_vault_yaml(tmp_path, extra=doc)
+
+
+def sync_job(m, name: str = "t1") -> dict:
+    return m.target_status(name)["synchronize"]
+
+
+def sync_cli(m, *args: str, timeout: float = 300) -> tuple[int, str, dict]:
+    res = run_octofs("sync", str(m.mnt), "--json", *args, timeout=timeout)
+    doc = json.loads(res.stdout) if res.stdout.strip().startswith("{") else {}
+    return res.returncode, res.stdout + res.stderr, doc
+
+
+def test_prefilled_target_is_synchronized_on_first_contact(tmp_path: Path, secret: Path, target: Serve):
+    """DoD 1: content, metadata, extra and missing files, symlinks, hard links: identical afterwards."""
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    replica = target.root / "vault"
+    replica.mkdir()
+    plant_differences(backing, replica)
+    yml = vault_yaml(tmp_path, secret, {"t1": target.address_str})
+    with mounted(yml) as m:
+        m.wait_synced(timeout=120)
+        job = sync_job(m)
+        assert job["state"] == "done" and job["kind"] == "sync" and "first contact" in job["reason"]
+        assert job["differences"] >= len(PLANTED_PHRASES)
+        assert m.target_status("t1")["consistent"] is True
+        assert_trees_equal(backing, replica, mtime=True)
+        v = target.vault_status("vault")
+        assert v["consistent"] is True and v["sync"] is None
+        # and the stream goes on from there
+        (m.mnt / "after.txt").write_bytes(b"written after the Synchronize")
+        os.link(m.mnt / "after.txt", m.mnt / "after-link")
+        m.wait_synced()
+        assert_trees_equal(backing, replica, mtime=True)
+    assert m.proc.returncode == 0
+
+
+def test_verify_only_reports_each_difference_then_sync_repairs(tmp_path: Path, secret: Path, target: Serve):
+    """DoD 6 (and a target changed directly by someone: found by verify, repaired by sync)."""
+    yml = vault_yaml(tmp_path, secret, {"t1": target.address_str})
+    with mounted(yml) as m:
+        scratch = tmp_path / "scratch-target"
+        scratch.mkdir()
+        plant_differences(m.mnt, scratch)  # the primary side of the planted tree, through the mount
+        m.wait_synced()
+        replica = target.root / "vault"
+        assert_trees_equal(m.backing, replica, mtime=True)
+
+        code, out, doc = sync_cli(m, "--verify-only")
+        assert code == 0, out
+        assert doc["jobs"]["t1"]["differences"] == 0 and doc["jobs"]["t1"]["files"] > 5
+
+        # Someone changes the target's copy behind octofs's back: make it the planted "target" tree.
+        # (The replica dir itself stays: the serve daemon holds it open.)
+        for child in replica.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        _copy_tree(scratch, replica)
+        before = tree_snapshot(replica, mtime=True)
+
+        res = run_octofs("sync", str(m.mnt), "--verify-only", timeout=300)
+        assert res.returncode == 3, res.stdout + res.stderr
+        assert "difference(s) found by verify" in res.stderr and "Traceback" not in res.stderr
+        for phrase in PLANTED_PHRASES:
+            assert f"t1: {phrase}" in res.stdout, (phrase, res.stdout)
+        assert tree_snapshot(replica, mtime=True) == before  # verify changed nothing
+
+        code, out, doc = sync_cli(m)
+        assert code == 0, out
+        assert doc["jobs"]["t1"]["differences"] >= len(PLANTED_PHRASES)
+        assert_trees_equal(m.backing, replica, mtime=True)
+        code, out, doc = sync_cli(m, "--verify-only")
+        assert code == 0 and doc["jobs"]["t1"]["differences"] == 0, out
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    """Copy src's contents into dst keeping hard links, symlinks, modes, xattrs, mtimes (cp -a)."""
+    subprocess.run(["cp", "-a", f"{src}/.", str(dst)], check=True)
+
+
+def test_target_that_needs_a_resync_is_reset_and_synchronized(tmp_path: Path, secret: Path, target: Serve):
+    yml = vault_yaml(tmp_path, secret, {"t1": target.address_str})
+    with mounted(yml) as m:
+        make_tree(m.mnt, {f"d{i}/f{j}": os.urandom(3000) for i in range(5) for j in range(10)})
+        m.wait_synced()
+        target.stop()
+        replica = target.root / "vault"
+        state = target.root / ".octofs" / "vaults" / "vault"
+        mark_needs_resync(state, "test: pretend an op could not be applied")
+        (replica / "d1" / "f1").write_bytes(b"damaged")
+        (replica / "junk").write_bytes(b"junk")
+        (m.mnt / "while-down.txt").write_bytes(b"x" * 10000)
+        target.start()
+        m.wait_synced(timeout=120)
+        job = sync_job(m)
+        assert job["state"] == "done" and "needs a resync" in job["reason"], job
+        v = target.vault_status("vault")
+        assert v["needs_resync"] is None and v["consistent"] is True
+        assert_trees_equal(m.backing, replica, mtime=True)
+        (m.mnt / "d2" / "f2").write_bytes(b"after")
+        m.wait_synced()
+        assert_trees_equal(m.backing, replica, mtime=True)
+
+
+def test_big_file_differing_in_one_page_sends_under_a_mebibyte(tmp_path: Path, secret: Path, target: Serve):
+    """DoD 2: a 1 GiB file that differs in a single 4 KiB page."""
+    size = 1 << 30
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    replica = target.root / "vault"
+    replica.mkdir()
+    chunk = os.urandom(1 << 20)
+    for root in (backing, replica):
+        with open(root / "big.img", "wb") as f:
+            for i in range(size >> 20):
+                f.write(i.to_bytes(8, "little") + chunk[8:])
+    page = random.Random(4).randrange(size // 4096) * 4096
+    with open(replica / "big.img", "r+b") as f:
+        f.seek(page)
+        f.write(os.urandom(4096))
+    st = os.stat(backing / "big.img")
+    os.utime(replica / "big.img", ns=(st.st_atime_ns, st.st_mtime_ns))
+    yml = vault_yaml(tmp_path, secret, {"t1": target.address_str})
+    with mounted(yml) as m:
+        m.wait_synced(timeout=300)
+        t = m.target_status("t1")
+        job = t["synchronize"]
+        assert job["state"] == "done" and job["differences"] == 1, job
+        print(f"1 GiB file, one 4 KiB page differs: {t['bytes_sent']} bytes on the wire, "
+              f"{job['repair_bytes']} bytes of data, {job['elapsed_s']} s")
+        assert t["bytes_sent"] < 1 << 20, t
+        assert job["repair_bytes"] <= 64 * 1024
+        assert_trees_equal(backing, replica, mtime=True)
+
+
+def test_identical_tree_sends_no_file_data(tmp_path: Path, secret: Path, target: Serve):
+    """DoD 3 (the timing is in scripts/bench): 10,000 identical files."""
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    replica = target.root / "vault"
+    files = {f"d{i:02d}/f{j:03d}.txt": f"file {i} {j}\n".encode() * (1 + j % 7) for i in range(40) for j in range(250)}
+    make_tree(backing, files)
+    shutil.copytree(backing, replica, symlinks=True)
+    for dirpath, _, names in os.walk(backing):
+        for n in names:
+            p = Path(dirpath, n)
+            st = os.stat(p)
+            os.utime(replica / p.relative_to(backing), ns=(st.st_atime_ns, st.st_mtime_ns))
+    yml = vault_yaml(tmp_path, secret, {"t1": target.address_str})
+    with mounted(yml) as m:
+        m.wait_synced(timeout=300)
+        job = sync_job(m)
+        assert job["state"] == "done" and job["files"] == 10_000, job
+        assert job["differences"] == 0 and job["repair_bytes"] == 0 and job["repairs"] == 0, job
+        print(f"10,000 identical files: Synchronize in {job['elapsed_s']} s, "
+              f"{m.target_status('t1')['bytes_sent']} bytes on the wire")
+        assert_trees_equal(backing, replica, mtime=True)
+
+
+def test_writes_during_a_synchronize_of_a_large_tree(tmp_path: Path, secret: Path, target: Serve):
+    """DoD 4: appends, overwrites, truncates, renames through the mount while a Synchronize runs."""
+    from tests.integration.test_replication import Workload
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    make_tree(backing, {f"tree/d{i:02d}/f{j:03d}": os.urandom(2000 + 37 * j) for i in range(30) for j in range(100)})
+    make_tree(backing, {f"big{i}.bin": os.urandom(8 << 20) for i in range(4)})
+    yml = vault_yaml(tmp_path, secret, {"t1": target.address_str})
+    rng = random.Random(7)
+    with mounted(yml) as m:
+        wl = Workload(m.mnt, seed=rng.randrange(2**32))
+        wl.start()
+        # Also hit the tree being synchronized: overwrite, append, truncate, rename, remove.
+        done_ops = 0
+        while sync_job(m) is None or sync_job(m)["state"] != "done" or done_ops < 300:
+            i, j = rng.randrange(30), rng.randrange(100)
+            p = m.mnt / f"tree/d{i:02d}/f{j:03d}"
+            try:
+                kind = rng.randrange(5)
+                if kind == 0:
+                    with open(p, "r+b") as f:
+                        f.seek(rng.randrange(2000))
+                        f.write(os.urandom(100))
+                elif kind == 1:
+                    with open(p, "ab") as f:
+                        f.write(os.urandom(500))
+                elif kind == 2:
+                    os.truncate(p, rng.randrange(3000))
+                elif kind == 3:
+                    os.rename(p, m.mnt / f"tree/d{rng.randrange(30):02d}/r{done_ops}")
+                else:
+                    with open(m.mnt / f"big{rng.randrange(4)}.bin", "r+b") as f:
+                        f.seek(rng.randrange(8 << 20))
+                        f.write(os.urandom(4096))
+            except FileNotFoundError:
+                pass
+            done_ops += 1
+            if done_ops > 20000:
+                pytest.fail(f"the Synchronize did not finish during the workload: {sync_job(m)}")
+        wl.stop()
+        m.wait_synced(timeout=120)
+        print(f"Synchronize under writes: {sync_job(m)}")
+        assert_trees_equal(m.backing, target.root / "vault", mtime=True)
+
+
+def test_interrupted_synchronize_resumes(tmp_path: Path, secret: Path, target: Serve):
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    make_tree(backing, {f"d{i:03d}/f{j:02d}": os.urandom(20000) for i in range(200) for j in range(20)})
+    yml = vault_yaml(tmp_path, secret, {"t1": target.address_str})
+    with mounted(yml) as m:
+        wait_until(lambda: (target.vault_status("vault") or {}).get("sync") and
+                   target.vault_status("vault")["sync"]["cursor"], timeout=120, what="a checkpoint")
+        target.kill()
+        target.start()
+        m.wait_synced(timeout=300)
+        assert "resuming Synchronize" in m.log() or "resuming Synchronize" in _full_log(m)
+        assert_trees_equal(backing, target.root / "vault", mtime=True)
+
+
+def _full_log(m) -> str:
+    return m.log_path.read_text(errors="replace")
+
+
+def test_sync_command_errors_are_one_line(tmp_path: Path, secret: Path, target: Serve):
+    yml = vault_yaml(tmp_path, secret, {"t1": target.address_str})
+    with mounted(yml) as m:
+        res = run_octofs("sync", str(m.mnt), "--target", "nope")
+        assert res.returncode != 0 and "no target named 'nope'" in res.stderr and "Traceback" not in res.stderr
+        m.wait_synced()
