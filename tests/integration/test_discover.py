@@ -62,6 +62,26 @@ def run_in(host: Host, *argv: str, timeout: float = 60) -> subprocess.CompletedP
     return subprocess.run(host.cmd(*argv), check=False, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+# Sends one query to argv[1] only (the multicast group, or a broadcast address) from interface argv[2],
+# and prints the name of each valid answer to it within 1.5 s.
+ONE_PATH_PROBE = """
+import os, select, socket, sys, time
+from octofs import discovery
+nonce = os.urandom(8)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(sys.argv[2]))
+s.bind(("", 0))
+s.sendto(discovery.encode_query(discovery.Query(nonce)), (sys.argv[1], discovery.PORT))
+end = time.monotonic() + 1.5
+while (left := end - time.monotonic()) > 0:
+    if select.select([s], [], [], left)[0]:
+        a = discovery.decode_answer(s.recv(2048))
+        assert a.nonce == nonce
+        print(a.name)
+"""
+
+
 def fingerprint(workdir: Path, name: str) -> str:
     return (workdir / f"root-{name}" / ".octofs" / "fingerprint").read_text().strip()
 
@@ -106,6 +126,12 @@ def test_discover_finds_the_two_that_answer_and_not_the_one_with_discovery_off(t
                            f"import socket; socket.create_connection(({c.address!r}, 7070), timeout=5).close()")
             assert reach.returncode == 0, reach.stderr
             assert not (tmp_path / "root-c" / ".octofs" / "fingerprint").exists()
+
+            # Each path on its own (the command sends both, so one could hide a broken other).
+            for dest in (discovery.MULTICAST_GROUP, "10.213.{}.255".format(client.address.split(".")[2])):
+                got = run_in(client, sys.executable, "-c", ONE_PATH_PROBE, dest, client.address)
+                assert got.returncode == 0, got.stderr
+                assert sorted(got.stdout.split()) == ["alpha", "beta"], (dest, got.stdout)
 
             table = run_in(client, sys.executable, "-m", "octofs", "discover", "--timeout", "1")
             assert table.returncode == 0, table.stderr
