@@ -63,10 +63,19 @@ from octofs.ops import (
     TruncateOp,
     UnlinkOp,
     WriteOp,
+    check_path,
     validate,
 )
 
 log = logging.getLogger(__name__)
+
+# One Packer for every encode (packb builds a new one per call); same options as packb().
+_PACKER = msgpack.Packer(use_bin_type=True, datetime=False)
+# Paths already found valid by check_path (non-root), so that the hot ops (a write, an
+# fsync, a truncate: one per FUSE request) do not split and scan the same path each time.
+# Bounded: cleared when full.
+_GOOD_PATHS: set[bytes] = set()
+_GOOD_PATHS_MAX = 4096
 
 MAX_BIN_BYTES = 16 * 2**20
 MAX_STR_BYTES = 64 * 2**10
@@ -306,14 +315,15 @@ def encode_record(rec: Record) -> bytes:
     encoder = _ENCODERS.get(type(op))
     if encoder is None:
         raise OpError(reason=f"unknown op type {type(op).__name__}")
-    validate(op)
+    if not _valid_hot(op):
+        validate(op)
     seq, time_ns = rec.seq, rec.time_ns
     if not _is_int(seq) or not 1 <= seq <= _U64_MAX:
         raise OpError(reason=f"seq must be an integer in 1..2**64-1, got {seq!r}")
     if not _is_int(time_ns):
         raise OpError(reason=f"time_ns must be an integer, got {time_ns!r}")
     try:
-        payload = msgpack.packb(encoder(seq, time_ns, op), use_bin_type=True, datetime=False)
+        payload = _PACKER.pack(encoder(seq, time_ns, op))
     except (OverflowError, TypeError, ValueError) as exc:
         raise OpError(reason=f"cannot encode {type(op).__name__}: {exc}") from exc
     if len(payload) > MAX_BIN_BYTES:
@@ -322,6 +332,37 @@ def encode_record(rec: Record) -> bytes:
         if len(payload) > MAX_PAYLOAD_BYTES:
             raise OpError(reason=f"encoded record is {len(payload)} bytes, more than {MAX_PAYLOAD_BYTES}")
     return payload
+
+
+def _good_path(path: object) -> bool:
+    """check_path(path) without the root, remembered; False (never raises) if it is not valid."""
+    if path in _GOOD_PATHS:
+        return True
+    try:
+        check_path(path)
+    except OpError:
+        return False
+    if len(_GOOD_PATHS) >= _GOOD_PATHS_MAX:
+        _GOOD_PATHS.clear()
+    _GOOD_PATHS.add(path)
+    return True
+
+
+def _valid_hot(op: Op) -> bool:
+    """The checks of ``ops.validate`` for the ops of the per-request path, done quickly.
+
+    True: ``op`` is valid. False: it may not be, and ``validate`` must decide (and say why).
+    """
+    t = type(op)
+    if t is WriteOp:
+        return (type(op.path) is bytes and _good_path(op.path) and type(op.offset) is int and op.offset >= 0
+                and type(op.data) is bytes and type(op.mtime_ns) is int)
+    if t is FsyncOp:
+        return type(op.path) is bytes and _good_path(op.path) and type(op.datasync) is bool
+    if t is TruncateOp:
+        return (type(op.path) is bytes and _good_path(op.path) and type(op.size) is int and op.size >= 0
+                and type(op.mtime_ns) is int)
+    return False
 
 
 def _check_bin_lengths(op: Op) -> None:

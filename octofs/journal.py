@@ -47,6 +47,7 @@ from octofs.segment import (
     find_valid_record,
     frame_record,
     header_bytes,
+    iter_raw,
     iter_records,
     list_segments,
     parse_header,
@@ -708,6 +709,18 @@ class JournalReader:
         # (segment path, inode, offset of a record boundary, seq of the record there)
         self._resume: tuple[Path, int, int, int] | None = None
 
+    def raw_records(self, start_seq: int = 1) -> Iterator[tuple[int, bytes]]:
+        """Like ``records``, but yield ``(seq, payload)``: the record payload exactly as journaled, not decoded.
+
+        For forwarding (the wire carries the journal's payloads, docs/FORMAT.md §7): no decode and
+        re-encode per record. Frames, CRCs and seq continuity are checked as in ``records``; a
+        payload whose body does not decode is not noticed here (the target refuses it).
+
+        Raises:
+            The same errors as ``records``.
+        """
+        return self._scan(start_seq, raw=True)
+
     def records(self, start_seq: int = 1) -> Iterator[Record]:
         """Yield every record with seq >= ``start_seq``, in order, across segments.
 
@@ -724,6 +737,9 @@ class JournalReader:
             JournalError: ``start_seq`` is older than the oldest segment kept (it was dropped), or a segment
                 cannot be read.
         """
+        return self._scan(start_seq, raw=False)
+
+    def _scan(self, start_seq: int, *, raw: bool) -> Iterator:
         segs = list_segments(self._dir)
         if not segs:
             return
@@ -762,10 +778,16 @@ class JournalReader:
                     if resume[3] <= start_seq:
                         state = ScanState(resume[2], resume[3])
                 f.seek(state.end)
-                for rec in iter_records(f, seg.path, state):
-                    self._resume = (seg.path, ino, state.end, state.next_seq)
-                    if rec.seq >= start_seq:
-                        yield rec
+                if raw:
+                    for item in iter_raw(f, seg.path, state):
+                        self._resume = (seg.path, ino, state.end, state.next_seq)
+                        if item[0] >= start_seq:
+                            yield item
+                else:
+                    for rec in iter_records(f, seg.path, state):
+                        self._resume = (seg.path, ino, state.end, state.next_seq)
+                        if rec.seq >= start_seq:
+                            yield rec
                 next_seq = state.next_seq
                 if state.damage is not None:
                     self._end_or_corrupt(segs, k, state.damage[0], state.damage[1], next_seq - 1)

@@ -180,6 +180,58 @@ def iter_records(f: BinaryIO, path: Path, state: ScanState) -> Iterator[Record]:
         yield rec
 
 
+_U8, _U16, _U32, _U64 = struct.Struct(">B"), struct.Struct(">H"), struct.Struct(">I"), struct.Struct(">Q")
+
+
+def payload_seq(payload: bytes) -> int | None:
+    """The seq of a record payload read from its first bytes, without decoding the rest; None if unsure.
+
+    ``codec.encode_record`` writes the seq first: a msgpack fixmap, the key ``"s"``, then the
+    seq as an unsigned msgpack int (docs/FORMAT.md §4). Anything else (or a short payload)
+    gives None and the caller decodes the payload instead.
+    """
+    if len(payload) < 4 or payload[0] & 0xF0 != 0x80 or payload[1:3] != b"\xa1s":
+        return None
+    tag = payload[3]
+    if tag < 0x80:
+        return tag
+    for code, fmt in ((0xCC, _U8), (0xCD, _U16), (0xCE, _U32), (0xCF, _U64)):
+        if tag == code:
+            return fmt.unpack_from(payload, 4)[0] if len(payload) >= 4 + fmt.size else None
+    return None
+
+
+def iter_raw(f: BinaryIO, path: Path, state: ScanState) -> Iterator[tuple[int, bytes]]:
+    """Like ``iter_records``, but yield ``(seq, payload)`` without decoding the payload.
+
+    Frames and CRCs are checked as in ``iter_records``, and so is seq continuity: the seq is read
+    from the payload's first bytes (``payload_seq``); only a payload laid out differently is decoded.
+    """
+    read = f.read
+    offset = state.end
+    next_seq = state.next_seq
+    while True:
+        payload, damage = read_frame(read)
+        if payload is None:
+            if damage is not None:
+                state.damage = (offset, damage)
+            return
+        seq = payload_seq(payload)
+        if seq is None:
+            try:
+                seq = decode_record(payload).seq
+            except OpError as exc:
+                raise corrupt_error(path, offset, f"record does not decode: {exc.fields.get('reason', exc)}") from exc
+        if seq != next_seq:
+            raise corrupt_error(path, offset, f"record has seq {seq}, expected {next_seq}")
+        offset += RECORD_FRAME_SIZE + len(payload)
+        next_seq += 1
+        state.end = offset
+        state.next_seq = next_seq
+        state.count += 1
+        yield seq, payload
+
+
 def find_valid_record(path: Path, start: int, min_seq: int) -> int | None:
     """Offset of the first valid record at or after ``start`` whose seq is above ``min_seq``, or None.
 

@@ -52,6 +52,8 @@ class Node:
         is_dir: the backing file is a directory (fixed for a node's life: a key
             names one inode, and an inode never changes type).
         names_complete: ``names`` is known to hold every name of the backing file.
+        no_caps: the backing file is known to have no ``security.capability`` xattr
+            (operations.py answers the kernel's per-write question without a syscall).
     """
 
     ino: int
@@ -62,6 +64,7 @@ class Node:
     held_fd: int | None = None
     is_dir: bool = False
     names_complete: bool = False
+    no_caps: bool = False
 
 
 class InodeTable:

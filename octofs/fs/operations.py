@@ -74,6 +74,7 @@ T = TypeVar("T")
 _STRIP_FLAGS = os.O_APPEND | os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY
 _SYNC_FLAGS = os.O_SYNC | os.O_DSYNC  # O_SYNC includes the O_DSYNC bit on Linux
 _ACCMODE = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
+_CAPS = b"security.capability"
 
 
 
@@ -102,9 +103,11 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
     Args:
         backing_dir: the real directory (absolute).
         recorder: the journal appender (owns failsafe).
-        entry_timeout_s / attr_timeout_s: how long the kernel may cache names and
-            attributes. octofs owns the backing dir (nobody else may change it), so
-            caching is safe; the values trade memory for fewer requests.
+        entry_timeout_s / attr_timeout_s: how long the kernel may cache names (also
+            "no such name") and attributes. octofs owns the backing dir: every change
+            reaches it through this mount, and the kernel updates or drops its own
+            cache entries for the changes it sends us. So caching long is safe, and
+            each lookup or getattr it saves is a round trip (~100 us) saved.
         exclude: vault.yaml ``exclude`` patterns (octofs/exclude.py): matching paths
             work normally here but no op about them is journaled.
 
@@ -115,6 +118,8 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
 
     # Off so that every application write reaches us as a write (and so as one op),
     # and writes to one inode are serialized by the kernel (pyfuse3 general.rst).
+    # Measured and decided in docs/CONCURRENCY.md §2 (errors at write() time, nothing
+    # acknowledged lives only in the kernel's cache).
     enable_writeback_cache = False
     # No NFS export: "." and ".." lookups are never needed.
     supports_dot_lookup = False
@@ -131,8 +136,8 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         backing_dir: bytes,
         recorder: Recorder,
         *,
-        entry_timeout_s: float = 1.0,
-        attr_timeout_s: float = 1.0,
+        entry_timeout_s: float = 60.0,
+        attr_timeout_s: float = 60.0,
         exclude: Sequence[str | bytes] = (),
         replicated: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
@@ -342,7 +347,18 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
 
     async def lookup(self, parent_inode, name, ctx):
         rel = self._child(parent_inode, name)
-        st = _passthrough(os.lstat, self._abs(rel))
+        try:
+            st = os.lstat(self._abs(rel))
+        except FileNotFoundError:
+            # A negative entry (st_ino 0) the kernel may cache for entry_timeout: the name
+            # can only appear through this mount, and the kernel drops the negative entry
+            # itself when it does. Saves the lookup before every create.
+            neg = pyfuse3.EntryAttributes()
+            neg.st_ino = 0
+            neg.entry_timeout = self._entry_timeout
+            return neg
+        except OSError as exc:
+            raise FUSEError(exc.errno) from None
         return self._new_entry(parent_inode, name, st)
 
     async def forget(self, inode_list):
@@ -638,8 +654,9 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
                 await self._wait_durable(seq)
         return n
 
-    async def flush(self, fh):
-        pass
+    # No flush handler: pyfuse3's default answers ENOSYS, after which the kernel stops
+    # sending FLUSH (one round trip per close() saved). Nothing is lost: a FLUSH has
+    # nothing to do here, writes reach the backing file before write() returns.
 
     async def release(self, fh):
         node = self._fh_node.pop(fh, None)
@@ -744,13 +761,25 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
     async def setxattr(self, inode, name, value, ctx):
         await self._admit()
         target, kw, rel = self._xattr_target(inode)
+        self.inodes[inode].no_caps = False  # before the syscall: a failed one may have half-worked
         _passthrough(os.setxattr, target, name, value, **kw)
         if rel is not None and (rel := self._jpath(self.inodes[inode], rel)) is not None:
             self._record(SetxattrOp(rel, name, value))
 
     async def getxattr(self, inode, name, ctx):
+        # The kernel asks for security.capability before every write() (FUSE clears SB_NOSEC,
+        # so it cannot remember "none"). octofs owns the backing dir and only setxattr adds
+        # one, so a "none" found once is remembered on the node until a setxattr on it.
+        caps = name == _CAPS
+        if caps and (node := self.inodes.get(inode)) is not None and node.no_caps:
+            raise FUSEError(errno.ENODATA)
         target, kw, _ = self._xattr_target(inode)
-        return _passthrough(os.getxattr, target, name, **kw)
+        try:
+            return os.getxattr(target, name, **kw)
+        except OSError as exc:
+            if caps and exc.errno == errno.ENODATA:
+                self.inodes[inode].no_caps = True
+            raise FUSEError(exc.errno) from None
 
     async def listxattr(self, inode, ctx):
         target, kw, _ = self._xattr_target(inode)

@@ -214,12 +214,35 @@ def test_corrupted_payload_is_refused_or_valid(rec, data):
         ops.Record(1, 0, ops.CreateOp(b"x", 0o644, 2**64, 0, 0)),  # does not fit msgpack
         ops.Record(1, 0, ops.RenameOp(b"a", b"b", 8)),
         ops.Record(1, 0, "not an op"),
+        # The ops of the per-request path are checked by a fast path (codec._valid_hot): the same refusals.
+        ops.Record(1, 0, ops.WriteOp(b"/abs", 0, b"x", 0)),
+        ops.Record(1, 0, ops.WriteOp(b"a/../b", 0, b"x", 0)),
+        ops.Record(1, 0, ops.WriteOp(b"", 0, b"x", 0)),
+        ops.Record(1, 0, ops.WriteOp(b"ok", -1, b"x", 0)),
+        ops.Record(1, 0, ops.WriteOp(b"ok", 0, "text", 0)),
+        ops.Record(1, 0, ops.WriteOp(b"ok", 0, b"x", None)),
+        ops.Record(1, 0, ops.WriteOp(b"ok", True, b"x", 0)),
+        ops.Record(1, 0, ops.TruncateOp(b"ok", -5, 0)),
+        ops.Record(1, 0, ops.TruncateOp(b"a\0b", 0, 0)),
+        ops.Record(1, 0, ops.FsyncOp(b"ok", datasync=1)),
+        ops.Record(1, 0, ops.FsyncOp(b"a//b")),
     ],
     ids=repr,
 )
 def test_encode_refuses_invalid_records(rec):
     with pytest.raises(OpError):
         codec.encode_record(rec)
+
+
+def test_fast_path_accepts_what_validate_accepts():
+    for op in (ops.WriteOp(b"ok", 0, b"x", 0), ops.WriteOp(b"ok", 0, b"x", 0),  # the second from the path cache
+               ops.FsyncOp(b""), ops.FsyncOp(b"d/f", datasync=True), ops.TruncateOp(b"d/f", 0, -1)):
+        rec = ops.Record(7, 1, op)
+        assert codec.decode_record(codec.encode_record(rec)) == rec
+    with pytest.raises(OpError):  # a path refused once is not remembered as good
+        codec.encode_record(ops.Record(1, 0, ops.WriteOp(b"../x", 0, b"", 0)))
+    with pytest.raises(OpError):
+        codec.encode_record(ops.Record(1, 0, ops.WriteOp(b"../x", 0, b"", 0)))
 
 
 def test_encode_refuses_data_over_the_bin_limit():

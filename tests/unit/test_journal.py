@@ -27,10 +27,10 @@ from octofs.errors import (
     OpError,
     UsageError,
 )
-from octofs.codec import encode_record
+from octofs.codec import decode_record, encode_record
 from octofs.journal import JOURNAL_FORMAT_VERSION, JournalReader, JournalWriter, drop_segments_before, list_segments
 from octofs.paths import segment_path
-from octofs.segment import HEADER_SIZE, RECORD_FRAME_SIZE, frame_record, header_bytes
+from octofs.segment import HEADER_SIZE, RECORD_FRAME_SIZE, frame_record, header_bytes, payload_seq
 from tests.support.journal_helpers import (
     GOLDEN_CASES,
     GOLDEN_EPOCH,
@@ -221,6 +221,41 @@ def test_reader_tails_live_writer_across_rotation(tmp_path):
         assert seqs(reader.records(1)) == list(range(1, 30))  # going back re-reads from the segment start
         w.append(small_op(30))
         assert seqs(reader.records(30)) == [30]
+
+
+def test_raw_records_are_the_journaled_payloads_in_order(tmp_path):
+    """raw_records (for forwarding without decode + re-encode) yields exactly what records decodes,
+    across rotations, tails a live writer, and resumes where asked."""
+    jdir = tmp_path / "j"
+    reader = JournalReader(jdir)
+    assert list(reader.raw_records(1)) == []
+    # Seqs that need each msgpack int width the seq peek reads (fixint, u8, u16, u32).
+    with open_writer(jdir, max_segment_bytes=400) as w:
+        for i in range(1, 300):
+            w.append(write_op(i) if i % 3 else small_op(i))
+        raw = list(reader.raw_records(1))
+        assert [seq for seq, _ in raw] == list(range(1, 300))
+        assert [decode_record(p) for _, p in raw] == read_all(jdir)
+        assert len(list_segments(jdir)) > 2
+        assert [seq for seq, _ in reader.raw_records(250)] == list(range(250, 300))
+        w.append(small_op(300))
+        assert [seq for seq, _ in reader.raw_records(300)] == [300]
+    for seq in (0x7F, 0xFF, 0xFFFF, 0x1_0000, 2**32 - 1, 2**32, 2**64 - 1):
+        assert payload_seq(encode_record(ops.Record(seq, 0, small_op(1)))) == seq
+
+
+def test_raw_records_check_seq_continuity_and_frames(tmp_path):
+    jdir = tmp_path / "j"
+    jdir.mkdir()
+    body = b"".join(frame_record(encode_record(ops.Record(s, 0, small_op(s)))) for s in (1, 3))
+    segment_path(jdir, 1).write_bytes(header_bytes(VAULT, 1, 1) + body)
+    with pytest.raises(JournalCorruptError, match="seq 3, expected 2"):
+        list(JournalReader(jdir).raw_records(1))
+    # A payload not laid out as encode_record writes it is decoded to find its seq.
+    odd = frame_record(b"\x83\xa1w\x00\xa1s\x02\xa1t\x06")  # {"w": 0, "s": 2, "t": 6}: no path
+    segment_path(jdir, 1).write_bytes(header_bytes(VAULT, 1, 1) + body[: len(body) // 2] + odd)
+    with pytest.raises(JournalCorruptError, match="does not decode"):
+        list(JournalReader(jdir).raw_records(1))
 
 
 def test_reader_can_go_back_within_the_segment_it_last_read(tmp_path):
