@@ -143,6 +143,9 @@ class SyncAnswer:
     req: int
     seq: int
     results: tuple
+    # Optional: paths of ops the target skipped since its last answer (its tree was not what
+    # they expected: a Synchronize is under way); the primary compares them again.
+    skipped: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,13 +207,14 @@ _FIELDS: dict[type, dict[str, tuple[type, ...]]] = {
     Error: {"code": (str,), "message": (str,)},
     SyncBegin: {"sync_id": (bytes,), "reset_seq": (int,), "verify": (bool,)},
     SyncQuery: {"req": (int,), "block_size": (int,), "items": (list,)},
-    SyncAnswer: {"req": (int,), "seq": (int,), "results": (list,)},
+    SyncAnswer: {"req": (int,), "seq": (int,), "results": (list,), "skipped": (list,)},
     Repair: {"records": (list,)},
     SyncCheckpoint: {"sync_id": (bytes,), "cursor": (bytes,)},
     SyncEnd: {"sync_id": (bytes,), "differences": (int,)},
 }
 # Fields a peer may leave out (it predates them): absent means the dataclass default.
-_OPTIONAL: dict[type, frozenset[str]] = {Welcome: frozenset({"needs_resync", "sync", "synced"})}
+_OPTIONAL: dict[type, frozenset[str]] = {Welcome: frozenset({"needs_resync", "sync", "synced"}),
+                                         SyncAnswer: frozenset({"skipped"})}
 
 
 def encode(msg: Message) -> bytes:
@@ -276,6 +280,10 @@ def decode_payload(payload: bytes, peer: str = "peer") -> Message:
         kwargs["items"] = tuple((k, p) for k, p in items)
     elif cls is SyncAnswer:
         kwargs["results"] = tuple(kwargs["results"])
+        skipped = kwargs.get("skipped", [])
+        if not all(isinstance(p, bytes) for p in skipped):
+            raise ProtocolError(peer=peer, reason="sync_answer: skipped paths must be binary")
+        kwargs["skipped"] = tuple(skipped)
     elif cls in (SyncBegin, SyncCheckpoint, SyncEnd):
         if len(kwargs["sync_id"]) != 16:
             raise ProtocolError(peer=peer, reason=f"{tag}: sync_id must be 16 bytes")

@@ -410,7 +410,8 @@ async def _sync_message(stream: trio.abc.Stream, peer: str, replica: Replica, ms
     try:
         if isinstance(msg, protocol.SyncQuery):
             results = await trio.to_thread.run_sync(replica.answer, msg.items, msg.block_size)
-            await _send(stream, protocol.SyncAnswer(msg.req, replica.applied_seq, tuple(results)))
+            await _send(stream, protocol.SyncAnswer(msg.req, replica.applied_seq, tuple(results),
+                                                    tuple(replica.take_skipped())))
         elif isinstance(msg, protocol.Repair):
             records = _decode_batch(protocol.OpBatch(msg.records), peer)
             await trio.to_thread.run_sync(_repair_all, replica, records)

@@ -92,6 +92,7 @@ from octofs.ops import (
     RenameOp,
     RmdirOp,
     UnlinkOp,
+    op_paths,
 )
 
 log = logging.getLogger(__name__)
@@ -234,6 +235,7 @@ class Replica:
         self.sync: dict | None = None  # the Synchronize under way: {"id", "cursor", "seq"} (hex id, hex cursor)
         self.synced = False  # a Synchronize has completed here at least once
         self.verifying: bytes | None = None  # id of a --verify-only pass on the live connection
+        self.skipped_paths: list[bytes] = []  # paths of ops skipped during a Synchronize, not yet reported
         self._touched = 0  # the touched seq currently durable in `position`
         self._half_done: int | None = None  # the one seq whose "already done" outcomes are tolerated
 
@@ -405,8 +407,15 @@ class Replica:
             else:
                 apply.apply_op(self._fd, rec.op, chown=self.owners)
         except (OSError, OpError) as exc:
-            detail = exc.message if isinstance(exc, OpError) else (exc.strerror or str(exc))
-            self._fail(f"cannot apply seq {seq} ({_describe(rec.op)}): {detail}", exc)
+            if self.sync is not None and _state_mismatch(exc):
+                # A Synchronize is under way: this path is not repaired yet. Skip the op and tell
+                # the primary, which compares the paths again (repairs are state-setting).
+                log.debug("vault %s: seq %d (%s) skipped during a Synchronize: %s", self.vault, seq,
+                          _describe(rec.op), exc)
+                self.skipped_paths.extend(op_paths(rec.op))
+            else:
+                detail = exc.message if isinstance(exc, OpError) else (exc.strerror or str(exc))
+                self._fail(f"cannot apply seq {seq} ({_describe(rec.op)}): {detail}", exc)
         self._half_done = None
         self.applied_seq = seq
         try:
@@ -534,6 +543,11 @@ class Replica:
             return
         if self.sync is None or self.sync["id"] != sync_id.hex():
             raise ProtocolError(peer="the primary", reason=f"sync_end for unknown Synchronize {sync_id.hex()}")
+        if self.skipped_paths:
+            # Ops failed after the primary's last look: it cannot know these paths are right.
+            self.mark_needs_resync(f"{len(self.skipped_paths)} op(s) could not be applied at the end of a "
+                                   f"Synchronize (first: {self.skipped_paths[0]!r})")
+            return
         self.make_durable()
         (self.state_dir / "syncing").unlink(missing_ok=True)
         state.write_atomic(self.state_dir / "synced", sync_id.hex().encode() + b"\n", 0o600)
@@ -544,6 +558,11 @@ class Replica:
 
     def _write_sync_state(self) -> None:
         state.write_atomic(self.state_dir / "syncing", json.dumps(self.sync).encode() + b"\n", 0o600)
+
+    def take_skipped(self) -> list[bytes]:
+        """The paths of ops skipped since the last call (sent back with a SyncAnswer)."""
+        out, self.skipped_paths = self.skipped_paths, []
+        return out
 
     def answer(self, items: tuple[tuple[str, bytes], ...], block_size: int) -> list:
         """Describe paths of the replica for a SyncQuery (see scan.py); ``None`` for what is absent."""
@@ -626,6 +645,19 @@ def _lstat(root_fd: int, path: bytes) -> os.stat_result | None:
     finally:
         if fd != root_fd:
             os.close(fd)
+
+
+_MISMATCH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR,
+                              errno.ELOOP, errno.EINVAL, errno.EXDEV})
+
+
+def _state_mismatch(exc: BaseException) -> bool:
+    """Whether applying an op failed because the replica's tree is not what the op expects (as opposed
+    to the disk failing: ENOSPC, EIO, EACCES...). An OpError here comes from apply's kind checks: ops
+    were validated when decoded."""
+    if isinstance(exc, OpError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _MISMATCH_ERRNOS
 
 
 def _describe(op: Op) -> str:

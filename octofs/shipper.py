@@ -585,8 +585,9 @@ class _Link:
         finally:
             self._sh._answers.pop(req, None)
 
-    async def fence(self) -> None:
-        await self.query(0, 65536, [])  # req 0 is never a plan's
+    async def fence(self) -> tuple[bytes, ...]:
+        _, answer = await self.query(0, 65536, [])  # req 0 is never a plan's
+        return answer.skipped
 
     async def repair(self, produce) -> int:
         sh = self._sh

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 REPAIR_BUDGET_BYTES = 4 * 2**20
 CHECKPOINT_EVERY_S = 2.0
+CHECKPOINT_EVERY_STEPS = 16  # queries and repair frames
 
 
 class SyncLink(Protocol):
@@ -58,8 +59,9 @@ class SyncLink(Protocol):
     async def send(self, msg: protocol.Message) -> int:
         """Send a frame in stream order; return the seq it followed."""
 
-    async def fence(self) -> None:
-        """Return once the target has handled everything sent so far (an empty query)."""
+    async def fence(self) -> tuple[bytes, ...]:
+        """Return once the target has handled everything sent so far (an empty query), with the
+        paths of the ops it skipped since its last answer."""
 
 
 @dataclass
@@ -201,13 +203,27 @@ async def drive(job: SyncJob, link: SyncLink, *, recorder: Recorder, backing_fd:
                      os.fsdecode(cursor or b"") or "the start")
         last_checkpoint = trio.current_time()
         last_cursor = b""
-        while not plan.done:
+        steps = 0
+        while True:
+            steps += 1
+            now = trio.current_time()
+            if not job.verify and (now - last_checkpoint >= CHECKPOINT_EVERY_S or steps >= CHECKPOINT_EVERY_STEPS):
+                cur = plan.cursor()
+                if cur != last_cursor:
+                    job.checkpoint_seq = await link.send(protocol.SyncCheckpoint(job.sync_id, cur))
+                    last_cursor = cur
+                last_checkpoint, steps = now, 0
             if plan.has_repairs:
                 await link.repair(lambda seq: plan.produce(REPAIR_BUDGET_BYTES))
                 continue
             query = plan.next_query()
             if query is None:
-                await trio.sleep(0)
+                # Nothing left to compare. The target may have skipped ops on paths not repaired
+                # yet (its answers list them): ask once more, and compare those.
+                for path in await link.fence():
+                    plan.recheck(path)
+                if plan.done:
+                    break
                 continue
             req, items = query
             async with trio.open_nursery() as nursery:
@@ -221,14 +237,9 @@ async def drive(job: SyncJob, link: SyncLink, *, recorder: Recorder, backing_fd:
             pos, answer = result["pos"], result["answer"]
             upto = recorder.writer.last_seq
             plan.compare(req, list(answer.results), primary, plan.touches(min(pos, answer.seq), upto))
-            plan.forget_before(upto)
-            now = trio.current_time()
-            if not job.verify and now - last_checkpoint >= CHECKPOINT_EVERY_S:
-                cur = plan.cursor()
-                if cur != last_cursor:
-                    job.checkpoint_seq = await link.send(protocol.SyncCheckpoint(job.sync_id, cur))
-                    last_cursor = cur
-                last_checkpoint = now
+            for path in answer.skipped:
+                plan.recheck(path)
+            plan.forget_before(min(pos, answer.seq))  # later queries sit after this one in the stream
         await link.send(protocol.SyncEnd(job.sync_id, plan.stats.differences))
         await link.fence()
     finally:

@@ -248,12 +248,14 @@ def test_writes_during_a_synchronize_of_a_large_tree(tmp_path: Path, secret: Pat
 def test_interrupted_synchronize_resumes(tmp_path: Path, secret: Path, target: Serve):
     backing = tmp_path / "backing"
     backing.mkdir()
-    make_tree(backing, {f"d{i:03d}/f{j:02d}": os.urandom(20000) for i in range(200) for j in range(20)})
+    blob = os.urandom(100_000)
+    make_tree(backing, {f"d{i:03d}/f{j:02d}": blob[j:] + bytes([i, j]) for i in range(60) for j in range(50)})
     yml = vault_yaml(tmp_path, secret, {"t1": target.address_str})
     with mounted(yml) as m:
-        wait_until(lambda: (target.vault_status("vault") or {}).get("sync") and
-                   target.vault_status("vault")["sync"]["cursor"], timeout=120, what="a checkpoint")
+        cursor = wait_until(lambda: ((target.vault_status("vault") or {}).get("sync") or {}).get("cursor"),
+                            timeout=120, what="a checkpoint")
         target.kill()
+        print(f"target killed after the checkpoint at {bytes.fromhex(cursor)!r}")
         target.start()
         m.wait_synced(timeout=300)
         assert "resuming Synchronize" in m.log() or "resuming Synchronize" in _full_log(m)
