@@ -19,7 +19,15 @@ Replication figures, after each octofs run:
     for replication lag; it includes the CLI's own start-up, shown as "idle CLI").
   * wire B/B: the target's `bytes_sent` delta divided by the bytes the workload
     passed to write() (``wchar`` from /proc/self/io, so SQLite's writes count too).
-fio is not used yet: every workload is a Python implementation (os.write/os.pread...).
+  * replication lag: after the workloads, a probe writes 16-byte records at 1,000/s
+    (each fsynced) on the async mount while a thread polls the target's copy: p50, p99
+    and max of (seen on the target - fsync returned).
+  * RSS behind: forwarding off, 1 GiB written, forwarding on: the mount daemon's RSS
+    while the target catches up (it must not grow with how far behind the target is).
+With fio installed (scripts/setup installs it) the block-I/O workloads (1 MiB sequential
+write, 4 KiB random writes, 1 MiB sequential reads) are fio jobs (psync, one job);
+otherwise, or with --no-fio, Python loops (os.write/os.pread...). The cold read drops
+the page cache (as root) before its timed read.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -271,6 +280,91 @@ def wl_pgbench(d: Path, p: dict) -> tuple[float, float]:
         shutil.rmtree(sock, ignore_errors=True)
 
 
+# -- fio (when installed) and the cold read --------------------------------------------------------
+# With fio on PATH (scripts/setup installs it) the five block-I/O workloads run as fio jobs
+# (psync engine, one job); without it, or with --no-fio, as the Python loops above.
+
+FIO: str | None = None  # set by main(): the fio binary, or None for the Python workloads
+
+
+def _fio(d: Path, rw: str, *extra: str) -> dict:
+    """Run one fio job in ``d``; return its JSON result for the job."""
+    out = subprocess.run([FIO, "--name=bench", f"--filename={d / 'fio.bin'}", f"--rw={rw}", "--ioengine=psync",
+                          "--fallocate=none", "--output-format=json", *extra],
+                         check=True, capture_output=True, text=True, timeout=600).stdout
+    return json.loads(out[out.index("{"):])["jobs"][0]  # fio may print notes before the JSON
+
+
+def _fio_rate(job: dict, side: str, unit_bytes: int) -> tuple[float, float]:
+    io = job[side]
+    return io["io_bytes"] / unit_bytes, max(io["runtime"], 1) / 1000  # runtime: ms
+
+
+def fio_seq_write(d: Path, p: dict) -> tuple[float, float]:
+    return _fio_rate(_fio(d, "write", "--bs=1M", f"--size={p['seq_mib']}m", "--end_fsync=1"), "write", MiB)
+
+
+def fio_rand_write(d: Path, p: dict, *, fsync_each: bool) -> tuple[float, float]:
+    n = p["rand_fsync_ops" if fsync_each else "rand_buffered_ops"]
+    job = _fio(d, "randwrite", "--bs=4k", f"--size={p['rand_file_mib']}m", f"--io_size={n * 4}k",
+               "--randseed=42", *(["--fsync=1"] if fsync_each else []))
+    return _fio_rate(job, "write", KiB4)
+
+
+def _write_file(path: Path, mib: int) -> None:
+    buf = os.urandom(MiB)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for _ in range(mib):
+            os.write(fd, buf)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fio_seq_read_hot(d: Path, p: dict) -> tuple[float, float]:
+    _write_file(d / "fio.bin", p["read_mib"])
+    _fio(d, "read", "--bs=1M", f"--size={p['read_mib']}m", "--invalidate=0")  # warm the cache, untimed
+    job = _fio(d, "read", "--bs=1M", f"--size={p['read_mib']}m", "--invalidate=0", f"--loops={p['read_passes']}")
+    return _fio_rate(job, "read", MiB)
+
+
+def drop_caches_unavailable() -> str | None:
+    """Why the cold read cannot run here (it needs root to drop the page cache), or None."""
+    return None if os.access("/proc/sys/vm/drop_caches", os.W_OK) else "dropping the page cache needs root"
+
+
+def _drop_caches() -> None:
+    os.sync()  # only clean pages can be dropped
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def wl_seq_read_cold(d: Path, p: dict) -> tuple[float, float]:
+    """1 MiB sequential reads of a file no cache holds (page cache dropped before the timed read)."""
+    path = d / ("fio.bin" if FIO else "read.bin")
+    _write_file(path, p["read_mib"])
+    _drop_caches()
+    if FIO:
+        return _fio_rate(_fio(d, "read", "--bs=1M", f"--size={p['read_mib']}m", "--invalidate=1"), "read", MiB)
+    total = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        t0 = time.perf_counter()
+        while chunk := os.read(fd, MiB):
+            total += len(chunk)
+        dt = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    return total / MiB, dt
+
+
+def _with_fio(python_fn: Callable, fio_fn: Callable) -> Callable[[Path, dict], tuple[float, float]]:
+    def run(d: Path, p: dict) -> tuple[float, float]:
+        return fio_fn(d, p) if FIO else python_fn(d, p)
+    run.__doc__ = python_fn.__doc__
+    return run
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str
@@ -280,10 +374,13 @@ class Workload:
 
 
 WORKLOADS = [
-    Workload("seq-write-1m-fsync", "MiB/s", wl_seq_write, fsyncs=True),
-    Workload("rand-write-4k-fsync", "ops/s", wl_rand_write_fsync, fsyncs=True),
-    Workload("rand-write-4k-buffered", "ops/s", wl_rand_write_buffered),
-    Workload("seq-read-1m-hot", "MiB/s", wl_seq_read_hot),
+    Workload("seq-write-1m-fsync", "MiB/s", _with_fio(wl_seq_write, fio_seq_write), fsyncs=True),
+    Workload("rand-write-4k-fsync", "ops/s",
+             _with_fio(wl_rand_write_fsync, lambda d, p: fio_rand_write(d, p, fsync_each=True)), fsyncs=True),
+    Workload("rand-write-4k-buffered", "ops/s",
+             _with_fio(wl_rand_write_buffered, lambda d, p: fio_rand_write(d, p, fsync_each=False))),
+    Workload("seq-read-1m-hot", "MiB/s", _with_fio(wl_seq_read_hot, fio_seq_read_hot)),
+    Workload("seq-read-1m-cold", "MiB/s", wl_seq_read_cold),  # skipped, with a note, without root
     Workload("small-files", "files/s", wl_small_files),
     Workload("sqlite-wal-full", "tx/s", wl_sqlite, fsyncs=True),
     Workload("sqlite-delete-extra", "tx/s", wl_sqlite_rollback, fsyncs=True),
@@ -398,6 +495,118 @@ class Octofs:
         return problems
 
 
+# -- replication lag and memory ---------------------------------------------------------------------
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def measure_lag(fs: Octofs, seconds: float, rate: float) -> dict:
+    """Replication lag as an application sees it: time from a write's fsync on the mount until its bytes
+    are on the target.
+
+    A probe appends 16-byte records (its number and the time) at up to ``rate`` per second, each followed
+    by an fsync; a thread polls the target's copy of the file (its replica dir, same machine, same clock)
+    and notes when each record appears. Lag = seen - fsync returned, 0 when it was there before.
+    """
+    name = "lag-probe.bin"
+    dst = fs.target_root / f"bench-{fs.mode}" / name
+    n = max(1, int(seconds * rate))
+    fsynced, seen = [0.0] * n, [0.0] * n
+    done = threading.Event()
+
+    def poll() -> None:
+        fd, i = None, 0
+        try:
+            while i < n and not done.is_set():
+                if fd is None:
+                    try:
+                        fd = os.open(dst, os.O_RDONLY)
+                    except FileNotFoundError:
+                        time.sleep(0.0002)
+                        continue
+                data = os.pread(fd, 16 * (n - i), 16 * i)
+                now = time.perf_counter()
+                got = 0
+                while got < len(data) // 16 and int.from_bytes(data[16 * got:16 * got + 8], "little") == i + 1:
+                    seen[i] = now
+                    i, got = i + 1, got + 1
+                if not got:
+                    time.sleep(0.0002)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    fd = os.open(fs.mnt / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        t_start = time.perf_counter()
+        for i in range(n):
+            delay = t_start + i / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            os.pwrite(fd, (i + 1).to_bytes(8, "little") + time.time_ns().to_bytes(8, "little"), 16 * i)
+            os.fsync(fd)
+            fsynced[i] = time.perf_counter()
+        elapsed = time.perf_counter() - t_start
+        poller.join(timeout=60)
+    finally:
+        done.set()
+        os.close(fd)
+    os.unlink(fs.mnt / name)
+    lags = [max(0.0, seen[i] - fsynced[i]) * 1000 for i in range(n) if seen[i]]
+    if not lags:
+        raise RuntimeError("lag probe: no write reached the target within 60 s")
+    return {"writes": n, "writes_per_s": n / elapsed, "target_rate": rate, "missing": n - len(lags),
+            "p50_ms": _percentile(lags, 0.5), "p99_ms": _percentile(lags, 0.99), "max_ms": max(lags)}
+
+
+def _rss_mib(pid: int, field: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} for pid {pid}")
+
+
+def measure_rss_behind(fs: Octofs, mib: int) -> dict:
+    """Mount-daemon memory while a target is far behind: forwarding off, ``mib`` MiB written (1 MiB
+    writes, files of 64 MiB), then forwarding on; RSS sampled every 20 ms until the target caught up."""
+    pid = int((fs.state / "pid").read_text())
+    octofs("forward", "off", str(fs.mnt))  # the mountpoint: vault names may repeat across bench runs
+    d = fs.mnt / "rss-probe"
+    d.mkdir()
+    buf = os.urandom(MiB)
+    try:
+        for k in range(0, mib, 64):
+            fd = os.open(d / f"f{k}", os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                for _ in range(min(64, mib - k)):
+                    os.write(fd, buf)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        pending = fs.status()["targets"][0]["pending_ops"]
+        before = _rss_mib(pid)
+    finally:
+        octofs("forward", "on", str(fs.mnt))
+    waiter = subprocess.Popen([sys.executable, "-m", "octofs", "status", "--wait-synced", "--timeout", "600",
+                               str(fs.mnt)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = before
+    t0 = time.perf_counter()
+    while waiter.poll() is None:
+        peak = max(peak, _rss_mib(pid))
+        time.sleep(0.02)
+    catch_up_s = time.perf_counter() - t0
+    if waiter.returncode != 0:
+        raise RuntimeError(f"rss probe: the target did not catch up ({waiter.returncode})")
+    shutil.rmtree(d)
+    return {"behind_mib": mib, "behind_ops": pending, "rss_before_mib": before, "rss_peak_catch_up_mib": peak,
+            "catch_up_s": catch_up_s, "hwm_mib": _rss_mib(pid, "VmHWM")}
+
+
 # -- the run ---------------------------------------------------------------------------------------
 
 
@@ -422,7 +631,10 @@ def main() -> int:
                     help="skip the second mount with a sync-mode target (used for fsync-heavy workloads)")
     ap.add_argument("--workdir", type=Path, help="where to put everything (default: a new temp dir, removed)")
     ap.add_argument("--keep", action="store_true", help="keep the workdir (logs, journal) afterwards")
+    ap.add_argument("--no-fio", action="store_true", help="use the Python workloads even if fio is installed")
     args = ap.parse_args()
+    global FIO
+    FIO = None if args.no_fio else shutil.which("fio")
     console = Console(stderr=args.json)
     console.width = max(console.width, 130)  # keep the table's columns readable on narrow/piped output
     if args.reps < 1:
@@ -442,6 +654,10 @@ def main() -> int:
         skipped["pgbench"] = why
         workloads = [w for w in workloads if w.name != "pgbench"]
         console.print(f"[yellow]pgbench: skipped, {why}[/yellow]")
+    if any(w.name == "seq-read-1m-cold" for w in workloads) and (why := drop_caches_unavailable()):
+        skipped["seq-read-1m-cold"] = why
+        workloads = [w for w in workloads if w.name != "seq-read-1m-cold"]
+        console.print(f"[yellow]seq-read-1m-cold: skipped, {why}[/yellow]")
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="octofs-bench-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
@@ -489,6 +705,13 @@ def main() -> int:
                 console.print(f"  rep {rep + 1}/{args.reps} {wl.name}: native {r['native'][-1]:,.1f}, "
                               f"octofs {r['octofs'][-1]:,.1f}"
                               + (f", octofs sync {r['sync'][-1]:,.1f}" if r["sync"] else "") + f" {wl.unit}")
+        fs.wait_synced()
+        lag = measure_lag(fs, *((1.0, 200.0) if args.quick else (10.0, 1000.0)))
+        console.print(f"  replication lag: {lag['writes']} fsynced writes at {lag['writes_per_s']:,.0f}/s: "
+                      f"p50 {lag['p50_ms']:.2f} ms, p99 {lag['p99_ms']:.2f} ms, max {lag['max_ms']:.2f} ms")
+        rss = measure_rss_behind(fs, 16 if args.quick else 1024)
+        console.print(f"  mount daemon RSS with the target {rss['behind_mib']} MiB behind: "
+                      f"{rss['rss_before_mib']:.0f} MiB, peak while it caught up {rss['rss_peak_catch_up_mib']:.0f} MiB")
         ok = True
     finally:
         problems = fs.stop() + (fs_sync.stop() if fs_sync is not None else [])
@@ -503,8 +726,10 @@ def main() -> int:
     if not ok:
         return 1
 
-    doc = {"reps": args.reps, "quick": args.quick, "sizes": sizes, "fio": False,
-           "idle_wait_synced_s": statistics.median(idle_cli), "workloads": {}}
+    doc = {"reps": args.reps, "quick": args.quick, "sizes": sizes, "fio": FIO is not None,
+           "idle_wait_synced_s": statistics.median(idle_cli), "workloads": {},
+           "lag": lag,  # async target: fsync on the mount -> bytes on the target (measure_lag)
+           "rss_behind": rss}  # mount daemon memory while a target catches up (measure_rss_behind)
     if skipped:
         doc["skipped"] = skipped  # workload name -> why it did not run
     for name, r in results.items():
@@ -539,7 +764,14 @@ def main() -> int:
     console.print(f"wait-synced s includes the CLI's start-up: an idle `octofs status --wait-synced` takes "
                   f"{doc['idle_wait_synced_s']:.2f} s. sync: a second mount whose target is in sync mode "
                   "(fsync-heavy workloads). wire B/B: target bytes_sent / bytes passed to write(). "
-                  "fio: not used (Python workloads).")
+                  + ("fio: the block-I/O workloads are fio jobs." if FIO else "fio: not installed or --no-fio, "
+                     "the block-I/O workloads are Python loops."))
+    console.print(f"replication lag (async target, {lag['writes']} writes each fsynced, at "
+                  f"{lag['writes_per_s']:,.0f}/s): p50 {lag['p50_ms']:.2f} ms, p99 {lag['p99_ms']:.2f} ms, "
+                  f"max {lag['max_ms']:.2f} ms. Mount daemon RSS with the target {rss['behind_mib']} MiB "
+                  f"({rss['behind_ops']:,} ops) behind: {rss['rss_before_mib']:.0f} MiB; peak while catching up "
+                  f"{rss['rss_peak_catch_up_mib']:.0f} MiB ({rss['catch_up_s']:.1f} s); lifetime peak "
+                  f"{rss['hwm_mib']:.0f} MiB.")
 
     if args.png:
         if importlib.util.find_spec("matplotlib") is None:
@@ -549,10 +781,23 @@ def main() -> int:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
             names = list(doc["workloads"])
-            fig, ax = plt.subplots(figsize=(8, 4))
-            ax.barh(names, [doc["workloads"][n]["ratio"] for n in names])
+            ws = [doc["workloads"][n] for n in names]
+            fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.6))
+            ys = range(len(names))
+            bars = ax.barh([y - 0.2 for y in ys], [w["ratio"] for w in ws], height=0.4, label="async target")
+            ax.bar_label(bars, fmt="%.3g", padding=2, fontsize=8)
+            sync = [(y, w["sync_ratio"]) for y, w in zip(ys, ws) if w["sync_ratio"]]
+            if sync:
+                bars = ax.barh([y + 0.2 for y, _ in sync], [r for _, r in sync], height=0.4, label="sync target")
+                ax.bar_label(bars, fmt="%.3g", padding=2, fontsize=8)
+            ax.set_yticks(list(ys), names)
+            ax.set_xscale("log")  # ratios span 0.01 to 1: a linear axis hides the small ones
             ax.axvline(1.0, color="grey", linestyle="--")
-            ax.set_xlabel("octofs / native (higher is better)")
+            ax.set_xlabel("octofs / native, same run (log scale; higher is better)")
+            ax.set_title(f"octofs vs native, medians of {args.reps}; lag p50 {lag['p50_ms']:.1f} ms, "
+                         f"p99 {lag['p99_ms']:.1f} ms", fontsize=10)
+            ax.set_xlim(right=max(2.0, *(w["ratio"] * 1.5 for w in ws)))  # room for the labels
+            ax.legend(loc="best", fontsize=8)
             ax.invert_yaxis()
             fig.tight_layout()
             fig.savefig(args.png, dpi=100)

@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 FSYNCING = {"seq-write-1m-fsync", "rand-write-4k-fsync", "sqlite-wal-full", "sqlite-delete-extra",
             "pgbench"}  # also run with a sync target
 WORKLOADS = {"seq-write-1m-fsync": "MiB/s", "rand-write-4k-fsync": "ops/s", "rand-write-4k-buffered": "ops/s",
-             "seq-read-1m-hot": "MiB/s", "small-files": "files/s", "sqlite-wal-full": "tx/s",
+             "seq-read-1m-hot": "MiB/s", "seq-read-1m-cold": "MiB/s", "small-files": "files/s",
+             "sqlite-wal-full": "tx/s",
              "sqlite-delete-extra": "tx/s", "pgbench": "tps"}
 # pgbench needs Debian's postgresql (scripts/setup installs it; CI has it) and root.
 HAVE_POSTGRES = bool(glob.glob("/usr/lib/postgresql/*/bin/pgbench")) and os.geteuid() == 0
@@ -66,6 +67,12 @@ def test_bench_quick_json(public_tmp: Path) -> None:
         else:
             assert w["sync_median"] is None and w["sync_samples"] == [], (name, w)
     assert "octofs vs native" in res.stderr  # the table still goes to stderr
+    lag = doc["lag"]  # every probe write reached the target, each lag measured
+    assert lag["missing"] == 0 and lag["writes"] > 0, lag
+    assert 0 <= lag["p50_ms"] <= lag["p99_ms"] <= lag["max_ms"], lag
+    rss = doc["rss_behind"]  # the target really was behind, and the daemon's memory was sampled
+    assert rss["behind_ops"] > 0 and rss["rss_peak_catch_up_mib"] >= rss["rss_before_mib"] > 0, rss
+    assert isinstance(doc["fio"], bool)
     # Nothing left mounted or running.
     for side in ("async", "sync"):
         assert not os.path.ismount(work / side / "mnt"), side
