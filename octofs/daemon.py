@@ -34,8 +34,9 @@ from octofs.fs.operations import PassthroughOperations
 from octofs.journal import JournalReader, JournalWriter, drop_segments_before
 from octofs.recorder import Recorder
 from octofs.exclude import ExcludeFilter
+from octofs.intent import IntentRing
 from octofs.shipper import Forwarding, Shipper, wait_sync_targets
-from octofs.syncer import SyncJob
+from octofs.syncer import SyncJob, save_pending
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,44 @@ class PrimaryDaemon:
             for sh in self.shippers:
                 sh.request_sync(SyncJob(target=sh.name, reason=f"the primary's journal lost an op: {reason}"))
             state.clear_needs_resync(self.state_dir)
+        ring = None
+        if self.shippers:
+            ring, left = IntentRing.open(self.state_dir / "intent", last_seq=writer.last_seq,
+                                         boot_id=state.current_boot_id())
+            self._after_unclean_stop(left)
+            self.recorder.intent = ring
+        clean = False
+        try:
+            await self._mount_and_serve(ready_file)
+            clean = True
+        finally:
+            if ring is not None:
+                self.recorder.intent = None
+                ring.close(clean=clean)
+
+    def _after_unclean_stop(self, left: list[bytes] | None) -> None:
+        """Queue a Synchronize of what the last run may have changed without journaling it (intent.py)."""
+        if left == []:
+            return
+        if left is None:
+            reason, scope = "the vault was not unmounted cleanly and the machine went down meanwhile", None
+        else:
+            reason, scope = (f"the vault was not unmounted cleanly: {len(left)} path(s) the last changes touched "
+                             "are compared again"), left
+        log.warning("%s", reason)
+        for sh in self.shippers:
+            job = sh.job
+            if job is not None and not job.verify:
+                if job.paths is None or scope is None:
+                    job.paths = None
+                else:
+                    job.paths = sorted(set(job.paths) | set(scope))
+                save_pending(self.state_dir, job)
+                continue
+            sh.request_sync(SyncJob(target=sh.name, reason=reason, paths=scope))
+
+    async def _mount_and_serve(self, ready_file: Path | None) -> None:
+        cfg = self.cfg
         self._seed_lag_index()
         options = mount_options(str(self.state_dir), allow_other=cfg.allow_other)
         async with open_mount(self.ops, self.mountpoint, options):

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import trio
 
 from octofs.errors import JournalError
+from octofs.intent import IntentRing
 from octofs.journal import JournalWriter
 from octofs.ops import FsyncOp, Op
 
@@ -75,6 +76,11 @@ class Recorder:
         self.listeners: list[Callable[[int, Op], None]] = []
         self._paused = 0
         self._resumed = trio.Event()
+        # Failover: why this vault is fenced (another machine took over at a higher epoch),
+        # or None. Like failsafe, changes are refused (EROFS) while it is set (fencing.py).
+        self.fenced: str | None = None
+        # Where handlers note the paths they are about to change (intent.py), if anywhere.
+        self.intent: IntentRing | None = None
 
     def record(self, op: Op) -> int:
         """Append ``op``; on failure go failsafe and raise the JournalError."""
@@ -94,6 +100,11 @@ class Recorder:
         self._appended.set()
         self._appended = trio.Event()
         return seq
+
+    def intend(self, *paths: bytes | None) -> None:
+        """Before a change's syscall (no await until its ``record``): note what it touches (intent.py)."""
+        if self.intent is not None:
+            self.intent.note(self.writer.last_seq + 1, *paths)
 
     def pause(self) -> None:
         """Hold new changes before their syscall (``wait_for_room``) until ``resume``.

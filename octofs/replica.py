@@ -76,6 +76,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from octofs import apply, scan, state
+from octofs.state import current_boot_id
 from octofs.errors import (
     DaemonRunningError,
     OpError,
@@ -109,7 +110,6 @@ _PROGRESS = struct.Struct("<QQ16s")  # applied seq, in-flight seq (0 = none), bo
 _PROGRESS_DONE = struct.Struct("<QQ")  # the first two fields, rewritten after each op
 _IN_FLIGHT = struct.Struct("<Q")
 _IN_FLIGHT_OFFSET = 8
-_BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
 
 # -- target root layout ---------------------------------------------------------
@@ -186,15 +186,6 @@ class TargetLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-
-def current_boot_id() -> bytes:
-    """This boot's id (16 bytes), or 16 zero bytes where /proc does not say."""
-    try:
-        with open(_BOOT_ID_PATH, "rb") as f:
-            return bytes.fromhex(f.read().decode().strip().replace("-", ""))[:16].ljust(16, b"\0")
-    except (OSError, ValueError):
-        return bytes(16)
 
 
 # -- the replica ------------------------------------------------------------------

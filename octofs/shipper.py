@@ -585,6 +585,10 @@ class _Link:
         finally:
             self._sh._answers.pop(req, None)
 
+    async def wait_sent(self, seq: int) -> None:
+        while self._sh._sent_seq < seq:
+            await self._sh._sent_changed.wait()
+
     async def fence(self) -> tuple[bytes, ...]:
         _, answer = await self.query(0, 65536, [])  # req 0 is never a plan's
         return answer.skipped

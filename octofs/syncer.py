@@ -59,6 +59,9 @@ class SyncLink(Protocol):
     async def send(self, msg: protocol.Message) -> int:
         """Send a frame in stream order; return the seq it followed."""
 
+    async def wait_sent(self, seq: int) -> None:
+        """Return once every record up to ``seq`` has been sent on this connection."""
+
     async def fence(self) -> tuple[bytes, ...]:
         """Return once the target has handled everything sent so far (an empty query), with the
         paths of the ops it skipped since its last answer."""
@@ -196,6 +199,9 @@ async def drive(job: SyncJob, link: SyncLink, *, recorder: Recorder, backing_fd:
             plan.recheck(p)
     recorder.listeners.append(plan.note)
     try:
+        # Every comparison window must be covered by the noted ops: first let the stream catch up
+        # with what was journaled before the listener was attached.
+        await link.wait_sent(recorder.writer.last_seq)
         if job.resume is None or job.verify:
             job.checkpoint_seq = await link.send(protocol.SyncBegin(job.sync_id, 0, job.verify))
         else:

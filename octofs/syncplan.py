@@ -152,6 +152,11 @@ class SyncPlan:
         self._size_hint: dict[bytes, int] = {}
         self._next_req = 1
         for p in (paths if paths is not None else [b""]):
+            # A path-scoped Synchronize compares each path's ancestors as entries only (not their
+            # whole listings), so that a missing parent is created before what goes in it.
+            parts = p.split(b"/") if p else []
+            for i in range(len(parts)):
+                self._push("entry", b"/".join(parts[:i]), 0)
             self._push("stat", p, 0)
 
     # -- the work queue -----------------------------------------------------------------
@@ -210,7 +215,7 @@ class SyncPlan:
         req = self._next_req
         self._next_req += 1
         self._inflight[req] = items
-        return req, [(k, p) for k, p, _ in items]
+        return req, [("stat" if k == "entry" else k, p) for k, p, _ in items]
 
     # -- the primary's side ------------------------------------------------------------
 
@@ -272,12 +277,12 @@ class SyncPlan:
         for (kind, path, attempts), t, p in zip(items, target, primary, strict=True):
             if kind == "list":
                 self._compare_listing(path, attempts, t, p, touched)
-            elif kind == "stat":
+            elif kind in ("stat", "entry"):
                 t_info = None if t is None else scan.entry_from_wire(t)
                 if touched.entry_touched(path):
-                    self._again("stat", path, attempts)
+                    self._again(kind, path, attempts)
                 elif not self._excluded(path, (p or t_info) is not None and stat.S_ISDIR((p or t_info).fmt)):
-                    self._compare_entry(path, p, t_info, attempts, touched)
+                    self._compare_entry(path, p, t_info, attempts, touched, descend=kind == "stat")
             else:
                 self._compare_hashes(path, attempts, t, p, touched)
 
@@ -287,10 +292,10 @@ class SyncPlan:
     def _again(self, kind: str, path: bytes, attempts: int) -> None:
         """Compare again later; after MAX_ATTEMPTS busy windows, copy it whole."""
         self.stats.rechecks += 1
-        if attempts + 1 >= MAX_ATTEMPTS and not self.verify:
+        if attempts + 1 >= MAX_ATTEMPTS and not self.verify and kind != "entry":
             self._act(_Action("replace", path))
         else:
-            self._push("stat" if kind != "list" else "list", path, attempts + 1)
+            self._push(kind if kind in ("list", "entry") else "stat", path, attempts + 1)
 
     def _difference(self, path: bytes, what: str) -> None:
         self.stats.differences += 1
@@ -327,7 +332,7 @@ class SyncPlan:
             self._compare_entry(path, pe, te, 0, touched)
 
     def _compare_entry(self, path: bytes, p: scan.EntryInfo | None, t: scan.EntryInfo | None, attempts: int,
-                       touched: Touches) -> None:
+                       touched: Touches, *, descend: bool = True) -> None:
         if p is None and t is None:
             return
         if p is None:
@@ -346,7 +351,7 @@ class SyncPlan:
             return
         if p.fmt == stat.S_IFREG and (p.nlink > 1 or t.nlink > 1) and self._linked(path, p, t):
             return
-        if stat.S_ISDIR(p.fmt):
+        if stat.S_ISDIR(p.fmt) and descend:
             self._push("list", path, 0)
         if p.fmt == stat.S_IFREG and (p.size or t.size or path in touched.data):
             self.stats.bytes_known += p.size

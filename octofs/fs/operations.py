@@ -382,6 +382,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         if node is None:
             raise FUSEError(errno.ESTALE)
         rel = self.inodes.path(inode)
+        self.recorder.intend(rel)
         target = fh if fh is not None and fh in self._fh_node else (self._abs(rel) if rel is not None else None)
         if target is None:
             if not node.fds:
@@ -478,6 +479,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         await self._admit()
         parent_rel = self._path(parent_inode)
         rel = self._child(parent_inode, name)
+        self.recorder.intend(rel)
         path = self._abs(rel)
         perm = stat.S_IMODE(mode) & ~ctx.umask
         _passthrough(os.mknod, path, stat.S_IFMT(mode) | perm, rdev)
@@ -490,6 +492,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         await self._admit()
         parent_rel = self._path(parent_inode)
         rel = self._child(parent_inode, name)
+        self.recorder.intend(rel)
         path = self._abs(rel)
         perm = stat.S_IMODE(mode) & ~ctx.umask
         _passthrough(os.mkdir, path, perm)
@@ -502,6 +505,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         await self._admit()
         parent_rel = self._path(parent_inode)
         rel = self._child(parent_inode, name)
+        self.recorder.intend(rel)
         path = self._abs(rel)
         _passthrough(os.symlink, target, path)
         st = _passthrough(self._chown_new, path, self._owner_for_new(parent_rel, ctx), None)
@@ -513,6 +517,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         await self._admit()
         src = self._path(inode)
         rel = self._child(new_parent_inode, new_name)
+        self.recorder.intend(rel, src)
         # An included name of the source, looked for before the link exists (the
         # search may walk the backing dir and must not find the new name).
         jsrc = self._jpath(self.inodes[inode], src)
@@ -530,6 +535,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
     async def unlink(self, parent_inode, name, ctx):
         await self._admit()
         rel = self._child(parent_inode, name)
+        self.recorder.intend(rel)
         _passthrough(os.unlink, self._abs(rel))
         if not self._excluded(rel, False):
             self._record(UnlinkOp(rel))
@@ -540,6 +546,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
     async def rmdir(self, parent_inode, name, ctx):
         await self._admit()
         rel = self._child(parent_inode, name)
+        self.recorder.intend(rel)
         path = self._abs(rel)
         node = self.inodes.entry(parent_inode, name)
         # A removed directory can still be someone's cwd, which FUSE never opens:
@@ -568,6 +575,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         await self._admit()
         old = self._child(parent_inode_old, name_old)
         new = self._child(parent_inode_new, name_new)
+        self.recorder.intend(old, new)
         a_node = self.inodes.entry(parent_inode_old, name_old)
         b_node = self.inodes.entry(parent_inode_new, name_new)
         if flags:
@@ -606,6 +614,8 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         if writing or trunc:
             await self._admit()
         rel = self._path(inode)
+        if trunc:
+            self.recorder.intend(rel)
         fd = _passthrough(os.open, self._abs(rel), (flags & ~_STRIP_FLAGS) | os.O_CLOEXEC)
         jrel = self._jpath(node, rel) if trunc else None
         if jrel is not None:
@@ -618,6 +628,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         await self._admit()
         parent_rel = self._path(parent_inode)
         rel = self._child(parent_inode, name)
+        self.recorder.intend(rel)
         path = self._abs(rel)
         perm = stat.S_IMODE(mode) & ~ctx.umask
         fd = _passthrough(
@@ -641,8 +652,9 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
     async def write(self, fh, off, buf):
         await self._admit()
         node = self._fh_node[fh]
-        n = _passthrough(os.pwrite, fh, buf, off)
         rel = self.inodes.path(node.ino)
+        self.recorder.intend(rel)
+        n = _passthrough(os.pwrite, fh, buf, off)
         if self._excluding:
             rel = self._jpath(node, rel)
         if rel is not None:
@@ -761,6 +773,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
     async def setxattr(self, inode, name, value, ctx):
         await self._admit()
         target, kw, rel = self._xattr_target(inode)
+        self.recorder.intend(rel)
         self.inodes[inode].no_caps = False  # before the syscall: a failed one may have half-worked
         _passthrough(os.setxattr, target, name, value, **kw)
         if rel is not None and (rel := self._jpath(self.inodes[inode], rel)) is not None:
@@ -788,6 +801,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
     async def removexattr(self, inode, name, ctx):
         await self._admit()
         target, kw, rel = self._xattr_target(inode)
+        self.recorder.intend(rel)
         _passthrough(os.removexattr, target, name, **kw)
         if rel is not None and (rel := self._jpath(self.inodes[inode], rel)) is not None:
             self._record(RemovexattrOp(rel, name))

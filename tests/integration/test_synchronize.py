@@ -272,3 +272,68 @@ def test_sync_command_errors_are_one_line(tmp_path: Path, secret: Path, target: 
         res = run_octofs("sync", str(m.mnt), "--target", "nope")
         assert res.returncode != 0 and "no target named 'nope'" in res.stderr and "Traceback" not in res.stderr
         m.wait_synced()
+
+
+def test_primary_sigkilled_converges_without_a_full_scan(tmp_path: Path, secret: Path, target: Serve):
+    """DoD 5: the mount daemon SIGKILLed during writes; changes on disk that no journal record describes
+    (the op in flight, and a tail we cut to stand for more) reach the target by a path-scoped
+    Synchronize of what the intent ring names: no walk of the whole vault."""
+    import threading
+
+    from tests.support.journal_helpers import record_offsets
+
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    make_tree(backing, {f"quiet/d{i:02d}/f{j:02d}": b"still\n" * 50 for i in range(40) for j in range(50)})
+    yml = vault_yaml(tmp_path, secret, {"t1": target.address_str})
+    rng = random.Random(11)
+    with mounted(yml) as m:
+        m.wait_synced(timeout=120)  # first contact: the 2,000 quiet files are verified once here
+        assert sync_job(m)["state"] == "done" and sync_job(m)["repair_bytes"] >= 2000 * 300
+        assert run_octofs("forward", "off", str(m.mnt)).returncode == 0
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def writer(k: int) -> None:
+            r = random.Random(k)
+            try:
+                (m.mnt / f"busy{k}").mkdir()
+                n = 0
+                while not stop.is_set():
+                    p = m.mnt / f"busy{k}" / f"f{r.randrange(30)}"
+                    with open(p, "ab") as f:
+                        f.write(os.urandom(r.randrange(1, 5000)))
+                    if r.random() < 0.1:
+                        os.rename(p, m.mnt / f"busy{k}" / f"r{n}")
+                    n += 1
+            except OSError:
+                pass  # the daemon was killed under us: expected
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer, args=(k,), daemon=True) for k in range(3)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: m.status()["journal"]["last_seq"] > 3000, timeout=60, what="a busy journal")
+        m.proc.send_signal(9)
+        m.proc.wait(timeout=30)
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        assert not errors, errors
+    # Cut the journal's last records: the backing dir has their changes, no record describes them.
+    segs = sorted((tmp_path / "state" / "journal").glob("*.seg")) or sorted((tmp_path / "state" / "journal").iterdir())
+    last = segs[-1]
+    offsets = record_offsets(last)
+    cut = offsets[max(1, len(offsets) - 25)][0]
+    os.truncate(last, cut)
+    print(f"cut {len(offsets) - max(1, len(offsets) - 25)} records off {last.name}")
+    with mounted(yml) as m:
+        assert run_octofs("forward", "on", str(m.mnt)).returncode == 0
+        m.wait_synced(timeout=120)
+        job = sync_job(m)
+        print(f"after the kill: {job}")
+        assert job["state"] == "done" and "not unmounted cleanly" in job["reason"], job
+        assert job["paths"] is not None and 0 < len(job["paths"]) < 200, job
+        assert job["files"] < 200 and job["dirs"] < 10, job  # not the 2,000 quiet files
+        assert_trees_equal(backing, target.root / "vault", mtime=True)

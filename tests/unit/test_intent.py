@@ -1,0 +1,67 @@
+"""The intent ring: what an unclean stop left unjournaled."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from octofs.intent import SEQ_MARGIN, SLOTS, IntentRing
+
+BOOT = b"b" * 16
+
+
+def test_first_run_and_clean_stop_leave_nothing(tmp_path: Path):
+    ring, paths = IntentRing.open(tmp_path / "intent", last_seq=0, boot_id=BOOT)
+    assert paths == []
+    ring.note(1, b"a")
+    ring.close(clean=True)
+    ring, paths = IntentRing.open(tmp_path / "intent", last_seq=0, boot_id=BOOT)
+    assert paths == []
+    ring.close(clean=True)
+
+
+def test_paths_near_and_beyond_the_last_seq_survive_a_killed_process(tmp_path: Path):
+    # A real process notes intents and is SIGKILLed: the page cache keeps what it wrote.
+    code = f"""
+import os, signal, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from octofs.intent import IntentRing
+ring, _ = IntentRing.open({str(tmp_path / 'intent')!r}, last_seq=0, boot_id={BOOT!r})
+for seq in range(1, 1001):
+    ring.note(seq, b"f%d" % seq, b"dst" if seq == 1000 else None)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    proc = subprocess.run([sys.executable, "-c", code])
+    assert proc.returncode == -9
+    ring, paths = IntentRing.open(tmp_path / "intent", last_seq=998, boot_id=BOOT)
+    ring.close(clean=False)
+    expected = {b"f%d" % s for s in range(998 - SEQ_MARGIN + 1, 1001)} | {b"dst"}
+    assert set(paths) == expected
+    assert len(paths) < SLOTS
+
+
+def test_other_boot_or_too_long_means_everything(tmp_path: Path):
+    ring, _ = IntentRing.open(tmp_path / "intent", last_seq=0, boot_id=BOOT)
+    ring.note(5, b"x")
+    ring.close(clean=False)
+    ring, paths = IntentRing.open(tmp_path / "intent", last_seq=0, boot_id=b"c" * 16)
+    assert paths is None
+    ring.note(7, b"y" * 9000)
+    ring.close(clean=False)
+    _, paths = IntentRing.open(tmp_path / "intent", last_seq=0, boot_id=b"c" * 16)
+    assert paths is None
+
+
+def test_a_damaged_ring_means_everything(tmp_path: Path):
+    p = tmp_path / "intent"
+    ring, _ = IntentRing.open(p, last_seq=0, boot_id=BOOT)
+    ring.close(clean=False)
+    with open(p, "r+b") as f:
+        f.write(b"OCTOINTN" + (99).to_bytes(4, "little"))
+    _, paths = IntentRing.open(p, last_seq=0, boot_id=BOOT)
+    assert paths is None
+    os.truncate(p, 100)
+    _, paths = IntentRing.open(p, last_seq=0, boot_id=BOOT)
+    assert paths is None
