@@ -522,21 +522,21 @@ class Shipper:
             batch: list[bytes] = []
             size = 0
             last_seq = next_seq - 1
-            while held and held[0].seq <= limit and size < BATCH_BYTES and len(batch) < BATCH_OPS:
-                rec = held.popleft()
-                payload = codec.encode_record(rec)
+            # Payloads go out exactly as journaled (no decode and re-encode); the target decodes
+            # and validates each one.
+            while held and held[0][0] <= limit and size < BATCH_BYTES and len(batch) < BATCH_OPS:
+                seq, payload = held.popleft()
                 batch.append(payload)
                 size += len(payload)
-                last_seq = rec.seq
+                last_seq = seq
             if not held:
-                for rec in reader.records(last_seq + 1):
-                    if rec.seq > limit:
-                        held.append(rec)
+                for seq, payload in reader.raw_records(last_seq + 1):
+                    if seq > limit:
+                        held.append((seq, payload))
                         break
-                    payload = codec.encode_record(rec)
                     batch.append(payload)
                     size += len(payload)
-                    last_seq = rec.seq
+                    last_seq = seq
                     if size >= BATCH_BYTES or len(batch) >= BATCH_OPS:
                         break
             if not batch:
