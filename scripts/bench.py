@@ -607,6 +607,41 @@ def measure_rss_behind(fs: Octofs, mib: int) -> dict:
             "catch_up_s": catch_up_s, "hwm_mib": _rss_mib(pid, "VmHWM")}
 
 
+def measure_synchronize(work: Path, nfiles: int, big_mib: int) -> dict:
+    """Synchronize (issue 4): a target pre-filled with the same tree as the backing dir (``nfiles``
+    small files and one ``big_mib`` MiB file in which one 4 KiB page differs) is compared at first
+    contact. Reports the time, the bytes on the wire and the file data sent."""
+    fs = Octofs(work)
+    replica = fs.target_root / "bench-async"
+    for d in (fs.backing, replica):
+        d.mkdir(parents=True)
+    for i in range(nfiles):
+        p = fs.backing / f"d{i // 250:03d}" / f"f{i % 250:03d}.txt"
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(f"file {i}\n".encode() * (1 + i % 40))
+    chunk = os.urandom(MiB)
+    with open(fs.backing / "big.img", "wb") as f:
+        for i in range(big_mib):
+            f.write(i.to_bytes(8, "little") + chunk[8:])
+    subprocess.run(["cp", "-a", f"{fs.backing}/.", str(replica)], check=True)
+    with open(replica / "big.img", "r+b") as f:
+        f.seek(random.Random(1).randrange(big_mib * 256) * 4096)
+        f.write(os.urandom(4096))
+    st = os.stat(fs.backing / "big.img")
+    os.utime(replica / "big.img", ns=(st.st_atime_ns, st.st_mtime_ns))
+    try:
+        fs.start()  # waits until synced: the first-contact Synchronize has finished
+        [t] = fs.status()["targets"]
+        job = t["synchronize"]
+        if job is None or job["state"] != "done":
+            raise RuntimeError(f"synchronize probe: no finished Synchronize ({job})")
+        return {"files": nfiles, "big_mib": big_mib, "elapsed_s": job["elapsed_s"], "bytes_on_wire": t["bytes_sent"],
+                "repair_bytes": job["repair_bytes"], "differences": job["differences"],
+                "bytes_compared": job["bytes_compared"]}
+    finally:
+        fs.stop()
+
+
 # -- the run ---------------------------------------------------------------------------------------
 
 
@@ -710,6 +745,10 @@ def main() -> int:
         console.print(f"  replication lag: {lag['writes']} fsynced writes at {lag['writes_per_s']:,.0f}/s: "
                       f"p50 {lag['p50_ms']:.2f} ms, p99 {lag['p99_ms']:.2f} ms, max {lag['max_ms']:.2f} ms")
         rss = measure_rss_behind(fs, 16 if args.quick else 1024)
+        syn = measure_synchronize(work / "synchronize", *((1000, 16) if args.quick else (10_000, 1024)))
+        console.print(f"  Synchronize of {syn['files']:,} identical files + a {syn['big_mib']} MiB file with one 4 KiB "
+                      f"page changed: {syn['elapsed_s']:.2f} s, {syn['bytes_on_wire']:,} bytes on the wire, "
+                      f"{syn['repair_bytes']:,} bytes of file data sent")
         console.print(f"  mount daemon RSS with the target {rss['behind_mib']} MiB behind: "
                       f"{rss['rss_before_mib']:.0f} MiB, peak while it caught up {rss['rss_peak_catch_up_mib']:.0f} MiB")
         ok = True
@@ -729,7 +768,8 @@ def main() -> int:
     doc = {"reps": args.reps, "quick": args.quick, "sizes": sizes, "fio": FIO is not None,
            "idle_wait_synced_s": statistics.median(idle_cli), "workloads": {},
            "lag": lag,  # async target: fsync on the mount -> bytes on the target (measure_lag)
-           "rss_behind": rss}  # mount daemon memory while a target catches up (measure_rss_behind)
+           "rss_behind": rss,  # mount daemon memory while a target catches up (measure_rss_behind)
+           "synchronize": syn}  # first-contact Synchronize of an identical tree + one changed page
     if skipped:
         doc["skipped"] = skipped  # workload name -> why it did not run
     for name, r in results.items():
@@ -772,6 +812,9 @@ def main() -> int:
                   f"({rss['behind_ops']:,} ops) behind: {rss['rss_before_mib']:.0f} MiB; peak while catching up "
                   f"{rss['rss_peak_catch_up_mib']:.0f} MiB ({rss['catch_up_s']:.1f} s); lifetime peak "
                   f"{rss['hwm_mib']:.0f} MiB.")
+    console.print(f"Synchronize at first contact of {syn['files']:,} identical files and a {syn['big_mib']} MiB file "
+                  f"with one 4 KiB page changed: {syn['elapsed_s']:.2f} s, {syn['bytes_on_wire']:,} bytes on the "
+                  f"wire, {syn['repair_bytes']:,} bytes of file data sent ({syn['differences']} difference).")
 
     if args.png:
         if importlib.util.find_spec("matplotlib") is None:
