@@ -123,7 +123,7 @@ def main() -> int:
         n = workload(mnt, args.transactions)
         console.print("4. [bold]octofs status --wait-synced[/bold]: wait until the target has acked every op")
         t0 = time.monotonic()
-        octofs("status", "--wait-synced", "--timeout", "120")
+        octofs("status", "--wait-synced", "--timeout", "120", str(mnt))  # this vault only, not every mount
         console.print(f"   synced {time.monotonic() - t0:.2f} s after the workload ended")
         console.print("5. [bold]octofs status[/bold]")
         sys.stdout.flush()
