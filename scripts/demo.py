@@ -127,7 +127,7 @@ def main() -> int:
         console.print(f"   synced {time.monotonic() - t0:.2f} s after the workload ended")
         console.print("5. [bold]octofs status[/bold]")
         sys.stdout.flush()
-        subprocess.run([sys.executable, "-m", "octofs", "status"], check=True)  # straight to the terminal
+        subprocess.run([sys.executable, "-m", "octofs", "status", str(mnt)], check=True)  # straight to the terminal
         console.print(f"   and on the target: [bold]octofs status --root {target_root}[/bold]")
         sys.stdout.flush()
         subprocess.run([sys.executable, "-m", "octofs", "status", "--root", str(target_root)], check=True)
