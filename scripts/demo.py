@@ -131,7 +131,12 @@ def main() -> int:
         console.print(f"   and on the target: [bold]octofs status --root {target_root}[/bold]")
         sys.stdout.flush()
         subprocess.run([sys.executable, "-m", "octofs", "status", "--root", str(target_root)], check=True)
-        console.print("6. verify: the target's copy against the primary's backing dir, byte for byte")
+        console.print("6. [bold]octofs sync --verify-only[/bold]: the target compares its copy block by block")
+        sys.stdout.flush()
+        if subprocess.run([sys.executable, "-m", "octofs", "sync", "--verify-only", str(mnt)]).returncode != 0:
+            console.print("[red]octofs found differences[/red]")
+            return 1
+        console.print("   and independently: the target's copy against the primary's backing dir, byte for byte")
         replica = target_root / "shop"
         a, b = tree_snapshot(backing, mtime=True), tree_snapshot(replica, mtime=True)
         diff = diff_snapshots(a, b)
