@@ -337,3 +337,25 @@ def test_primary_sigkilled_converges_without_a_full_scan(tmp_path: Path, secret:
         assert job["paths"] is not None and 0 < len(job["paths"]) < 200, job
         assert job["files"] < 200 and job["dirs"] < 10, job  # not the 2,000 quiet files
         assert_trees_equal(backing, target.root / "vault", mtime=True)
+
+
+def test_primary_marked_for_resync_synchronizes_every_target(tmp_path: Path, secret: Path):
+    """The primary's own needs_resync mark (its journal lost an op: failsafe) becomes a pending Synchronize of
+    every target at the next mount, and the mark is gone once it is recorded."""
+    with serving(tmp_path / "t1", secret, workdir=tmp_path, name="t1") as t1, \
+            serving(tmp_path / "t2", secret, workdir=tmp_path, name="t2") as t2:
+        yml = vault_yaml(tmp_path, secret, {"t1": t1.address_str, "t2": t2.address_str})
+        with mounted(yml) as m:
+            make_tree(m.mnt, {f"d/f{i}": os.urandom(5000) for i in range(20)})
+            m.wait_synced()
+        # What a lost op leaves behind: a change in the backing dir that no record describes.
+        (tmp_path / "backing" / "d" / "f3").write_bytes(b"changed without a record")
+        (tmp_path / "backing" / "d" / "f4").unlink()
+        mark_needs_resync(tmp_path / "state", "journal failure: test")
+        with mounted(yml) as m:
+            m.wait_synced(timeout=120)
+            assert m.status()["needs_resync"] is None
+            for name, t in (("t1", t1), ("t2", t2)):
+                job = sync_job(m, name)
+                assert job["state"] == "done" and "journal lost an op" in job["reason"] and job["differences"] >= 2
+                assert_trees_equal(m.backing, t.root / "vault", mtime=True)
