@@ -359,3 +359,27 @@ def test_primary_marked_for_resync_synchronizes_every_target(tmp_path: Path, sec
                 job = sync_job(m, name)
                 assert job["state"] == "done" and "journal lost an op" in job["reason"] and job["differences"] >= 2
                 assert_trees_equal(m.backing, t.root / "vault", mtime=True)
+
+
+def test_target_added_after_the_journal_dropped_its_start(tmp_path: Path, secret: Path):
+    """A new target that needs records the journal no longer has: reset to the journal's end, then synchronized."""
+    with serving(tmp_path / "t1", secret, workdir=tmp_path, name="t1") as t1, \
+            serving(tmp_path / "t2", secret, workdir=tmp_path, name="t2") as t2:
+        yml = vault_yaml(tmp_path, secret, {"t1": t1.address_str}, journal={"max_size": "1MiB"})
+        with mounted(yml) as m:
+            for i in range(24):
+                (m.mnt / f"f{i}").write_bytes(os.urandom(128 * 1024))
+            m.wait_synced()
+            wait_until(lambda: m.status()["journal"]["first_seq"] > 1, timeout=30, what="dropped segments")
+        yml = vault_yaml(tmp_path, secret, {"t1": t1.address_str, "t2": t2.address_str},
+                         journal={"max_size": "1MiB"})
+        with mounted(yml) as m:
+            m.wait_synced(timeout=120)
+            job = sync_job(m, "t2")
+            assert job["state"] == "done" and "the journal starts at" in job["reason"], job
+            assert sync_job(m, "t1") is None  # the old target was not disturbed
+            assert_trees_equal(m.backing, t2.root / "vault", mtime=True)
+            (m.mnt / "after").write_bytes(b"a")
+            m.wait_synced()
+            assert_trees_equal(m.backing, t2.root / "vault", mtime=True)
+            assert_trees_equal(m.backing, t1.root / "vault", mtime=True)
