@@ -189,7 +189,7 @@ def apply_op(root_fd: int, op: Op, *, chown: bool | None = None) -> None:
         handler(root_fd, op, chown)
         return
     try:
-        parent_fd, name = _open_parent(root_fd, op.path)
+        parent_fd, name = open_parent(root_fd, op.path)
     except (FileNotFoundError, NotADirectoryError):
         if isinstance(op, RemoveTreeOp):
             return  # no parent directory: the path is absent, which is the op's result
@@ -238,8 +238,8 @@ def barrier(root_fd: int) -> None:
 # -- resolution ----------------------------------------------------------------
 
 
-def _open_parent(root_fd: int, path: bytes) -> tuple[int, bytes]:
-    """Return ``(fd of path's parent directory, last component)``.
+def open_parent(root_fd: int, path: bytes) -> tuple[int, bytes]:
+    """Return ``(fd of path's parent directory, last component)``, resolved confined (module docstring).
 
     The caller closes the fd unless it is ``root_fd``. The vault root (``b""``) is
     ``(root_fd, b".")``.
@@ -523,9 +523,9 @@ def _fsync(parent_fd: int, name: bytes, op: FsyncOp, chown: bool | None) -> None
 
 
 def _rename(root_fd: int, op: RenameOp, chown: bool | None) -> None:
-    src_fd, src_name = _open_parent(root_fd, op.src)
+    src_fd, src_name = open_parent(root_fd, op.src)
     try:
-        dst_fd, dst_name = _open_parent(root_fd, op.path)
+        dst_fd, dst_name = open_parent(root_fd, op.path)
         try:
             if op.flags == 0:
                 os.rename(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
@@ -543,9 +543,9 @@ def _rename(root_fd: int, op: RenameOp, chown: bool | None) -> None:
 
 
 def _link(root_fd: int, op: LinkOp, chown: bool | None) -> None:
-    src_fd, src_name = _open_parent(root_fd, op.src)
+    src_fd, src_name = open_parent(root_fd, op.src)
     try:
-        dst_fd, dst_name = _open_parent(root_fd, op.path)
+        dst_fd, dst_name = open_parent(root_fd, op.path)
         try:
             # follow_symlinks=False: linkat without AT_SYMLINK_FOLLOW links a symlink
             # itself, as link(2) on the primary did.

@@ -20,19 +20,23 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import stat
-from typing import NamedTuple
+from collections.abc import Callable, Iterator
+from typing import NamedTuple, TypeVar
 
+from octofs.apply import open_parent
 from octofs.ops import check_path
+
+T = TypeVar("T")
 
 BLOCK_SIZE = 64 * 1024
 DIGEST_BYTES = 16
 MAX_BLOCK_SIZE = 16 * 2**20
 
-_WALK_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _MISSING = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
@@ -58,29 +62,33 @@ class EntryInfo(NamedTuple):
 # -- resolution ------------------------------------------------------------------------
 
 
-def _parent(root_fd: int, path: bytes) -> tuple[int, bytes]:
-    """``(fd of the parent, last component)``; the caller closes the fd unless it is root_fd."""
-    if not path:
-        return root_fd, b"."
-    check_path(path)
-    parts = path.split(b"/")
-    name = parts.pop()
-    fd = root_fd
+@contextlib.contextmanager
+def _located(root_fd: int, path: bytes) -> Iterator[tuple[int, bytes] | None]:
+    """``(parent fd, last component)`` of ``path`` resolved confined (apply.open_parent), or None when a
+    parent is missing or not a directory. The parent fd is closed on exit."""
+    check_path(path, allow_root=True)
     try:
-        for part in parts:
-            old, fd = fd, os.open(part, _WALK_FLAGS, dir_fd=fd)
-            if old != root_fd:
-                os.close(old)
-    except BaseException:
+        fd, name = open_parent(root_fd, path)
+    except OSError as exc:
+        if exc.errno in _MISSING:
+            yield None
+            return
+        raise
+    try:
+        yield fd, name
+    finally:
         if fd != root_fd:
             os.close(fd)
+
+
+def _absent_is_none(fn: Callable[[], T]) -> T | None:
+    """``fn()``, or None if it failed because the path is not there (any more)."""
+    try:
+        return fn()
+    except OSError as exc:
+        if exc.errno in _MISSING:
+            return None
         raise
-    return fd, name
-
-
-def _close(fd: int, root_fd: int) -> None:
-    if fd != root_fd:
-        os.close(fd)
 
 
 def _info(dir_fd: int, name: bytes, st: os.stat_result) -> EntryInfo:
@@ -133,86 +141,53 @@ def _xattrs(dir_fd: int, name: bytes) -> tuple[tuple[bytes, bytes], ...]:
 
 def stat_path(root_fd: int, path: bytes) -> EntryInfo | None:
     """The entry at ``path`` (``b""`` is the vault root), or None if it is absent."""
-    try:
-        fd, name = _parent(root_fd, path)
-    except OSError as exc:
-        if exc.errno in _MISSING:
+    with _located(root_fd, path) as loc:
+        if loc is None:
             return None
-        raise
-    try:
-        try:
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            return _info(fd, name, st)
-        except OSError as exc:
-            if exc.errno in _MISSING:
-                return None
-            raise
-    finally:
-        _close(fd, root_fd)
+        fd, name = loc
+        st = _absent_is_none(lambda: os.stat(name, dir_fd=fd, follow_symlinks=False))
+        return None if st is None else _absent_is_none(lambda: _info(fd, name, st))
 
 
 def lstat(root_fd: int, path: bytes) -> os.stat_result | None:
     """``lstat`` of ``path`` (``b""`` is the root), resolved confined; None if absent."""
-    try:
-        fd, name = _parent(root_fd, path)
-    except OSError as exc:
-        if exc.errno in _MISSING:
+    with _located(root_fd, path) as loc:
+        if loc is None:
             return None
-        raise
-    try:
-        return os.stat(name, dir_fd=fd, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno in _MISSING:
-            return None
-        raise
-    finally:
-        _close(fd, root_fd)
+        fd, name = loc
+        return _absent_is_none(lambda: os.stat(name, dir_fd=fd, follow_symlinks=False))
 
 
 def readlink(root_fd: int, path: bytes) -> bytes | None:
     """The target of the symlink ``path``, or None if it is not one."""
-    try:
-        fd, name = _parent(root_fd, path)
-    except OSError as exc:
-        if exc.errno in _MISSING:
+    with _located(root_fd, path) as loc:
+        if loc is None:
             return None
-        raise
-    try:
-        return os.fsencode(os.readlink(name, dir_fd=fd))
-    except OSError as exc:
-        if exc.errno in (*_MISSING, errno.EINVAL):
-            return None
-        raise
-    finally:
-        _close(fd, root_fd)
+        fd, name = loc
+        try:
+            return os.fsencode(os.readlink(name, dir_fd=fd))
+        except OSError as exc:
+            if exc.errno in (*_MISSING, errno.EINVAL):
+                return None
+            raise
 
 
 def list_dir(root_fd: int, path: bytes) -> list[EntryInfo] | None:
     """Every entry of the directory ``path``, sorted by name; None if it is not a directory."""
-    try:
-        pfd, name = _parent(root_fd, path)
-    except OSError as exc:
-        if exc.errno in _MISSING:
+    with _located(root_fd, path) as loc:
+        if loc is None:
             return None
-        raise
-    try:
-        try:
-            dfd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
-        except OSError as exc:
-            if exc.errno in _MISSING:
-                return None
-            raise
-    finally:
-        _close(pfd, root_fd)
+        pfd, name = loc
+        dfd = _absent_is_none(lambda: os.open(name, _DIR_FLAGS, dir_fd=pfd))
+    if dfd is None:
+        return None
     try:
         out = []
         for child in sorted(os.fsencode(n) for n in os.listdir(dfd)):
-            try:
-                st = os.stat(child, dir_fd=dfd, follow_symlinks=False)
-                out.append(_info(dfd, child, st))
-            except OSError as exc:
-                if exc.errno not in _MISSING:  # removed meanwhile: not listed
-                    raise
+            st = _absent_is_none(lambda c=child: os.stat(c, dir_fd=dfd, follow_symlinks=False))
+            info = None if st is None else _absent_is_none(lambda c=child, st=st: _info(dfd, c, st))
+            if info is not None:  # else removed meanwhile: not listed
+                out.append(info)
         return out
     finally:
         os.close(dfd)
@@ -243,27 +218,18 @@ def file_hashes(root_fd: int, path: bytes, block_size: int = BLOCK_SIZE) -> tupl
 
 def open_regular(root_fd: int, path: bytes) -> int | None:
     """An fd of the regular file ``path`` open for reading, or None (absent or not a regular file)."""
-    try:
-        pfd, name = _parent(root_fd, path)
-    except OSError as exc:
-        if exc.errno in _MISSING:
+    with _located(root_fd, path) as loc:
+        if loc is None:
             return None
-        raise
-    try:
-        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-        if not stat.S_ISREG(st.st_mode):
+        pfd, name = loc
+        st = _absent_is_none(lambda: os.stat(name, dir_fd=pfd, follow_symlinks=False))
+        if st is None or not stat.S_ISREG(st.st_mode):
             return None
-        fd = os.open(name, _READ_FLAGS, dir_fd=pfd)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since the stat
+        fd = _absent_is_none(lambda: os.open(name, _READ_FLAGS, dir_fd=pfd))
+        if fd is not None and not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since the stat
             os.close(fd)
             return None
         return fd
-    except OSError as exc:
-        if exc.errno in _MISSING:
-            return None
-        raise
-    finally:
-        _close(pfd, root_fd)
 
 
 # -- comparing ------------------------------------------------------------------------------

@@ -588,7 +588,7 @@ def test_deep_paths_close_every_fd(replica, root_fd):
 def test_walk_refuses_escapes_without_validate(root_fd, path):
     """The walk checks components itself, even if a caller skipped ops.validate."""
     with pytest.raises(OpError):
-        apply_mod._open_parent(root_fd, path)
+        apply_mod.open_parent(root_fd, path)
 
 
 # -- malformed ops ---------------------------------------------------------------------------------
