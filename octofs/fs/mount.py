@@ -7,7 +7,9 @@ process, and ``open_mount`` always closes the session, unmounting if it still ca
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -32,12 +34,45 @@ def mount_options(fsname: str, *, allow_other: bool) -> set[str]:
     return opts
 
 
+# The kernel gives a FUSE mount 128 KiB of read-ahead (and INIT can only lower it), so a cold
+# sequential read arrives as 128 KiB READ requests, one round trip each. 1 MiB (the largest
+# request libfuse takes) makes them 8x fewer; measured in docs/PERFORMANCE.md.
+READ_AHEAD_KB = 1024
+
+
+def _mount_device(mountpoint: Path) -> str | None:
+    """The ``major:minor`` of the filesystem mounted on ``mountpoint`` (from mountinfo, no stat:
+    a stat of our own mount before the main loop runs would wait for ourselves)."""
+    want, dev = str(mountpoint), None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]) == want:
+                dev = fields[2]  # the last match: the mount on top
+    return dev
+
+
+async def raise_read_ahead(mountpoint: Path, kb: int = READ_AHEAD_KB) -> None:
+    """Best effort (needs root): set the mount's read-ahead to ``kb`` KiB, after the kernel processed INIT."""
+    try:
+        dev = _mount_device(mountpoint)
+        if dev is not None:
+            Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(f"{kb}\n")
+            log.debug("read-ahead of %s (bdi %s) set to %d KiB", mountpoint, dev, kb)
+    except OSError as exc:
+        log.info("cannot raise the read-ahead of %s (cold reads stay slower): %s", mountpoint, exc)
+
+
 @contextlib.asynccontextmanager
 async def open_mount(ops: pyfuse3.Operations, mountpoint: Path, options: set[str]) -> AsyncIterator[None]:
     """Mount ``ops`` on ``mountpoint`` for the duration of the block.
 
-    The caller runs ``await pyfuse3.main()`` (via ``serve_mount``) inside.
+    The caller runs ``await pyfuse3.main()`` (via ``serve_mount``) inside. Once the kernel's INIT
+    has been answered, the mount's read-ahead is raised (``raise_read_ahead``) if ``ops`` has an
+    ``after_init`` hook (PassthroughOperations does).
     """
+    if hasattr(ops, "after_init"):
+        ops.after_init = functools.partial(raise_read_ahead, Path(mountpoint))
     try:
         pyfuse3.init(ops, str(mountpoint), options)
     except RuntimeError as exc:

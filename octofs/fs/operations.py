@@ -59,7 +59,7 @@ from octofs.ops import (
     UnlinkOp,
     WriteOp,
 )
-from octofs.recorder import Recorder
+from octofs.recorder import Recorder, run_in_worker
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +157,17 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         self._excluding = bool(self.exclude)  # checked first, so no patterns costs ~nothing
         self._tmp_tag = os.urandom(4).hex().encode()
         self._tmp_serial = 0
+        # Run as a trio system task once the kernel's INIT has been answered (fs/mount.py sets it).
+        self.after_init: Callable[[], Awaitable[None]] | None = None
 
     @property
     def failsafe(self) -> bool:
         return self.recorder.failsafe
+
+    def init(self) -> None:
+        """FUSE INIT: pyfuse3 calls this just before it replies; ``after_init`` runs after the reply."""
+        if self.after_init is not None:
+            trio.lowlevel.spawn_system_task(self.after_init)
 
     # -- helpers ------------------------------------------------------------
 
@@ -273,7 +280,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         """
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(trio.to_thread.run_sync, _passthrough, sync_backing)
+                nursery.start_soon(run_in_worker, _passthrough, sync_backing)
                 await self._wait_durable(seq)
         except BaseExceptionGroup as group:
             fuse_errors = group.subgroup(FUSEError)
@@ -682,7 +689,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         rel = self._jpath(node, self.inodes.path(node.ino))
         sync_backing = os.fdatasync if datasync else os.fsync
         if rel is None or self.recorder.failsafe:
-            await trio.to_thread.run_sync(_passthrough, sync_backing, fh)
+            await run_in_worker(_passthrough, sync_backing, fh)
             return
         seq = self._record(FsyncOp(rel, datasync=bool(datasync)))
         await self._sync_both(lambda: sync_backing(fh), seq)
@@ -747,7 +754,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         handle = self._dirs[fh]
         rel = self._jpath(handle.node, self.inodes.path(handle.node.ino))
         if rel is None or self.recorder.failsafe:  # removed or excluded: nothing to journal
-            await trio.to_thread.run_sync(_passthrough, os.fsync, fh)
+            await run_in_worker(_passthrough, os.fsync, fh)
             return
         seq = self._record(FsyncOp(rel, datasync=bool(datasync)))
         await self._sync_both(lambda: os.fsync(fh), seq)
