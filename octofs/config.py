@@ -51,6 +51,8 @@ DEFAULT_SYNC_TIMEOUT_S = 5.0
 DEFAULT_JOURNAL_MAX_SIZE = 8 * 1024**3
 DEFAULT_HEARTBEAT_S = 15.0
 DEFAULT_METRICS_PORT = 9108  # the Prometheus exporter port most often left free for such daemons
+DEFAULT_HEALTH_PORT = 7071  # the UDP health responder (docs/FORMAT.md §11)
+DEFAULT_HOOK_TIMEOUT_S = 60.0
 STATE_DIR_SUFFIX = ".octofs"
 
 MODES = ("async", "sync")
@@ -126,6 +128,8 @@ class VaultConfig:
         heartbeat_s: ``failover.heartbeat``, seconds between heartbeats.
         allow_other: mount with FUSE ``allow_other``.
         metrics: ``(host, port)`` of the Prometheus endpoint, or None (off).
+        health: ``failover.health``: ``(host, port)`` of the UDP health responder the
+            mount daemon runs (what a target's direct query asks), or None (off).
     """
 
     path: Path
@@ -140,6 +144,35 @@ class VaultConfig:
     heartbeat_s: float
     allow_other: bool
     metrics: tuple[str, int] | None = None
+    health: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class FailoverConfig:
+    """One entry of ``failover:`` in SERVE.yaml: how this target watches a vault's primary and takes over.
+
+    Attributes:
+        vault: the vault name.
+        heartbeat_s: the primary's heartbeat interval; silence for longer starts the direct query.
+        primary: ``(host, port)`` of the primary's health responder (vault.yaml ``failover.health``).
+        witness: ``(host, port)`` of a witness's health responder (another ``octofs serve``), or None.
+        mount: where the vault is mounted on takeover (must exist and be empty then).
+        hooks: shell commands run in order after the takeover mount.
+        hook_timeout_s: how long one hook may run.
+        health: ``(host, port)`` for the new primary's health responder after takeover, or None.
+        targets: ``(name, host, port)`` targets of the new primary (e.g. the old primary's
+            ``octofs serve``, for failback).
+    """
+
+    vault: str
+    heartbeat_s: float
+    primary: tuple[str, int]
+    witness: tuple[str, int] | None
+    mount: Path
+    hooks: tuple[str, ...]
+    hook_timeout_s: float
+    health: tuple[str, int] | None = None
+    targets: tuple[tuple[str, str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -156,6 +189,8 @@ class ServeConfig:
         path: the SERVE.yaml file, absolute, or None when there was none.
         name: the name ``octofs discover`` shows, or None for the host name.
         metrics: ``(host, port)`` of the Prometheus endpoint, or None (off).
+        health: ``(host, port)`` of the UDP health responder (answers witness queries), or None.
+        failover: one entry per vault this target may take over.
     """
 
     root: Path
@@ -167,6 +202,8 @@ class ServeConfig:
     path: Path | None
     name: str | None = None
     metrics: tuple[str, int] | None = None
+    health: tuple[str, int] | None = None
+    failover: tuple[FailoverConfig, ...] = ()
 
 
 # -- sizes and durations ------------------------------------------------------
@@ -715,7 +752,7 @@ _VAULT_KEYS = (
 )
 _TARGET_KEYS = ("name", "address", "mode", "sync_timeout", "on_timeout", "compress", "bandwidth")
 _JOURNAL_KEYS = ("max_size", "when_full")
-_FAILOVER_KEYS = ("heartbeat",)
+_FAILOVER_KEYS = ("heartbeat", "health")
 
 
 def load_vault_config(path: Path | str, *, mountpoint: Path | None = None) -> VaultConfig:
@@ -775,8 +812,11 @@ def load_vault_config(path: Path | str, *, mountpoint: Path | None = None) -> Va
         when_full = journal_map.choice("when_full", WHEN_FULL, "block")
         journal = JournalConfig(max_size_bytes=max_size, when_full=when_full)
 
-    failover = top.sub("failover", _FAILOVER_KEYS, "a mapping with heartbeat")
+    failover = top.sub("failover", _FAILOVER_KEYS, "a mapping with heartbeat and health")
     heartbeat = failover.duration("heartbeat", DEFAULT_HEARTBEAT_S) if failover else DEFAULT_HEARTBEAT_S
+    health = _health(failover, "health", listen=True) if failover else None
+    if health is not None and secret is None:
+        failover.fail("health", "needs secret_file (health probes are authenticated)")
 
     return VaultConfig(
         path=doc.path,
@@ -791,6 +831,7 @@ def load_vault_config(path: Path | str, *, mountpoint: Path | None = None) -> Va
         heartbeat_s=heartbeat,
         allow_other=top.boolean("allow_other", False),
         metrics=_metrics(top),
+        health=health,
     )
 
 
@@ -858,9 +899,77 @@ def _metrics(top: _Map) -> tuple[str, int] | None:
         top.fail("metrics", str(exc))
 
 
+def _health(m: _Map, key: str, *, listen: bool) -> tuple[str, int] | None:
+    """A health responder address ``HOST[:PORT]`` (port 7071 when omitted), or None when absent."""
+    text = m.string(key)
+    if text is None:
+        return None
+    stripped = text.strip()
+    has_port = stripped.rpartition("]")[2].startswith(":") if stripped.startswith("[") else ":" in stripped
+    try:
+        host, port = _parse_address(text, listen=listen)
+    except ValueError as exc:
+        m.fail(key, str(exc))
+    return host, port if has_port else DEFAULT_HEALTH_PORT
+
+
 # -- SERVE.yaml --------------------------------------------------------------------
 
-_SERVE_KEYS = ("root", "listen", "secret_file", "discovery", "takeover_hooks", "name", "metrics")
+_SERVE_KEYS = ("root", "listen", "secret_file", "discovery", "takeover_hooks", "name", "metrics", "health",
+               "failover")
+_SERVE_FAILOVER_KEYS = ("vault", "heartbeat", "primary", "witness", "mount", "hooks", "hook_timeout", "health",
+                        "targets")
+
+
+def _serve_failover(doc: _Document, top: _Map, default_hooks: tuple[str, ...]) -> tuple[FailoverConfig, ...]:
+    node = top.node_of("failover")
+    if node is None:
+        return ()
+    out: list[FailoverConfig] = []
+    seen: set[str] = set()
+    for i, item in enumerate(doc.sequence(node, "failover", "a list of vaults to watch")):
+        m = doc.mapping(item, f"failover[{i}]", _SERVE_FAILOVER_KEYS, "a mapping with vault, primary and mount")
+        vault = _check_name(m.string("vault", required=True), m.failer("vault"))
+        if vault in seen:
+            m.fail("vault", f"vault {vault!r} is listed twice")
+        seen.add(vault)
+        m.require("primary")
+        primary = _health(m, "primary", listen=False)
+        assert primary is not None
+        mount = m.path("mount", required=True)
+        hooks = m.strings("hooks") if m.node_of("hooks") is not None else default_hooks
+        targets = []
+        for name, address in _failover_targets(doc, m):
+            try:
+                host, port = _parse_address(address, listen=False)
+            except ValueError as exc:
+                m.fail("targets", str(exc))
+            targets.append((name, host, port))
+        out.append(FailoverConfig(
+            vault=vault,
+            heartbeat_s=m.duration("heartbeat", DEFAULT_HEARTBEAT_S),
+            primary=primary,
+            witness=_health(m, "witness", listen=False),
+            mount=mount,
+            hooks=hooks,
+            hook_timeout_s=m.duration("hook_timeout", DEFAULT_HOOK_TIMEOUT_S),
+            health=_health(m, "health", listen=True),
+            targets=tuple(targets),
+        ))
+    return tuple(out)
+
+
+def _failover_targets(doc: _Document, m: _Map) -> list[tuple[str, str]]:
+    """``targets:`` of a failover entry: a list of ``{name, address}`` for the new primary's vault.yaml."""
+    node = m.node_of("targets")
+    if node is None:
+        return []
+    out = []
+    for j, item in enumerate(doc.sequence(node, m.key("targets"), "a list of targets")):
+        t = doc.mapping(item, f"{m.key('targets')}[{j}]", ("name", "address"), "a mapping with name and address")
+        out.append((_check_name(t.string("name", required=True), t.failer("name")),
+                    t.string("address", required=True)))
+    return out
 
 
 def _flag_failer(flag: str) -> Callable[[str], NoReturn]:
@@ -954,14 +1063,23 @@ def load_serve_config(
     if discovery is None:
         discovery = top.boolean("discovery", True) if top else True
 
+    hooks = top.strings("takeover_hooks") if top else ()
+    failover = _serve_failover(doc, top, hooks) if top is not None and doc is not None else ()
+    health = _health(top, "health", listen=True) if top is not None else None
+    if (failover or health) and secret is None:
+        assert top is not None
+        top.fail("failover" if failover else "health", "needs secret_file (health probes are authenticated)")
+
     return ServeConfig(
         root=root_path,
         listen_host=host,
         listen_port=port,
         secret_file=secret,
         discovery=discovery,
-        takeover_hooks=top.strings("takeover_hooks") if top else (),
+        takeover_hooks=hooks,
         path=doc.path if doc else None,
         name=name,
         metrics=metrics_address,
+        health=health,
+        failover=failover,
     )

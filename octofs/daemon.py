@@ -24,13 +24,14 @@ from pathlib import Path
 
 import trio
 
-from octofs import paths, sdnotify, state
+from octofs import fencing, paths, sdnotify, state
 from octofs.config import VaultConfig
 from octofs.control import ControlRequestError, serve_control
 from octofs.errors import ConfigValueError, JournalError
 from octofs.exporter import serve_metrics
 from octofs.fs.mount import mount_options, open_mount, serve_mount, terminate
 from octofs.fs.operations import PassthroughOperations
+from octofs.health import serve_health
 from octofs.journal import JournalReader, JournalWriter, drop_segments_before
 from octofs.recorder import Recorder
 from octofs.exclude import ExcludeFilter
@@ -129,6 +130,9 @@ class PrimaryDaemon:
         os.umask(0)
         self.recorder = Recorder(writer, on_failure=self._on_journal_failure, when_full=cfg.journal.when_full,
                                  headroom_bytes=min(32 * 2**20, cfg.journal.max_size_bytes // 4))
+        self.recorder.fenced = fencing.load(self.state_dir)  # a fenced vault stays read-only across remounts
+        if self.recorder.fenced is not None:
+            log.error("vault %s is FENCED (read-only): %s", cfg.vault, self.recorder.fenced)
         # Sync-mode targets are part of what an fsync waits for (DESIGN invariant 3).
         replicated = None
         if any(t.mode == "sync" for t in cfg.targets):
@@ -136,7 +140,7 @@ class PrimaryDaemon:
                 await wait_sync_targets(self.shippers, seq)
         self.ops = PassthroughOperations(os.fsencode(cfg.backing), self.recorder, exclude=cfg.exclude,
                                          replicated=replicated)
-        secret = self._secret() if cfg.targets else b""
+        secret = self._secret() if cfg.targets or cfg.health else b""
         vault_id = state.vault_id(self.state_dir)
         # Synchronize reads the backing dir through this fd (confined, syncplan.py).
         self.backing_fd = os.open(cfg.backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -150,6 +154,7 @@ class PrimaryDaemon:
                 sync_timeout_s=t.sync_timeout_s, on_timeout=t.on_timeout,
                 backing_fd=self.backing_fd, exclude=ExcludeFilter(cfg.exclude), state_dir=self.state_dir,
                 origin_empty=origin_empty,
+                on_fenced=lambda message: fencing.fence(self.state_dir, self.recorder, message),
             ))
         reason = state.needs_resync(self.state_dir)
         if reason is not None:
@@ -207,6 +212,9 @@ class PrimaryDaemon:
                 })
                 if cfg.metrics is not None:  # the same document as `status --json` (docs/METRICS.md)
                     self.metrics_address = await nursery.start(serve_metrics, *cfg.metrics, lambda: self._status({}))
+                if cfg.health is not None:  # failover: what a target's direct query asks (docs/FORMAT.md §11)
+                    await nursery.start(serve_health, *cfg.health, self._secret(), fencing.primary_lookup(
+                        cfg.vault, self.recorder, state.read_epoch(self.state_dir)))
                 for shipper in self.shippers:
                     nursery.start_soon(shipper.run)
                 nursery.start_soon(self._janitor)
@@ -305,6 +313,8 @@ class PrimaryDaemon:
             "pid": os.getpid(),
             "started_at": self.started_at,
             "failsafe": self.recorder.failsafe,
+            "epoch": state.read_epoch(self.state_dir),
+            "fenced": self.recorder.fenced,
             "journal_full": self.recorder.full(),
             "blocked_changes": self.recorder.blocked,
             "failure": self.recorder.failure,

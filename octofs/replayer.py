@@ -33,16 +33,18 @@ address in use) propagates out of ``serve_target``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import select
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
-from octofs import codec, protocol
+from octofs import codec, protocol, state
 from octofs.control import serve_control
 from octofs.errors import DaemonError, OpError, PeerEpochError, PeerError, ProtocolError
 from octofs.ops import Record
@@ -52,6 +54,7 @@ from octofs.replica import (
     check_vault_name,
     control_socket_path,
     known_vaults,
+    vault_state_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -94,6 +97,7 @@ class _Connection:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
     superseded_by: str | None = None
+    refusal: tuple[str, str] | None = None  # (code, message) sent when the server ends it (a takeover)
 
 
 @dataclass(eq=False)
@@ -106,6 +110,9 @@ class _VaultSlot:
     last_heartbeat: float | None = None  # trio time
     error: str | None = None  # why the replica could not be opened
     op_bytes_received: int = 0  # record payload bytes of op batches applied since serve started (status, metrics)
+    # Failover: this target took the vault over at this epoch; the replica dir belongs to a
+    # mount now, and every primary is refused (docs/FORMAT.md §11).
+    released_epoch: int | None = None
 
 
 class TargetServer:
@@ -122,6 +129,8 @@ class TargetServer:
         self._secret = secret
         self.listen = listen
         self._slots: dict[str, _VaultSlot] = {}
+        # Failover (failover.py): vault name -> extra status fields (monitor state, takeover record).
+        self.status_extra: dict[str, dict] = {}
 
     # -- lifetime ----------------------------------------------------------
 
@@ -129,6 +138,11 @@ class TargetServer:
         """Open every vault that has state under the root (blocking; run in a thread)."""
         for name in known_vaults(self.root):
             slot = self._slots.setdefault(name, _VaultSlot())
+            released = _released_epoch(self.root, name)
+            if released is not None:
+                slot.released_epoch = released
+                log.info("vault %s: taken over here at epoch %d; its replica dir is the primary's now", name, released)
+                continue
             try:
                 slot.replica = Replica.open(self.root, name)
             except OSError as exc:
@@ -171,7 +185,13 @@ class TargetServer:
             }
             if slot.error is not None:
                 entry["error"] = slot.error
+            if slot.released_epoch is not None:
+                entry["epoch"] = slot.released_epoch
+                entry["role"] = "primary"
+            entry.update(self.status_extra.get(name, {}))
             vaults.append(entry)
+        for name in sorted(set(self.status_extra) - set(self._slots)):
+            vaults.append({"vault": name, "connected": False, **self.status_extra[name]})
         return {
             "role": "target",
             "root": str(self.root),
@@ -180,6 +200,52 @@ class TargetServer:
             "owners": os.geteuid() == 0,
             "vaults": vaults,
         }
+
+    # -- failover --------------------------------------------------------------
+
+    def heard(self, vault: str) -> float | None:
+        """The trio time of the last heartbeat from ``vault``'s primary, or None."""
+        slot = self._slots.get(vault)
+        return slot.last_heartbeat if slot is not None else None
+
+    def replica(self, vault: str) -> Replica | None:
+        slot = self._slots.get(vault)
+        return slot.replica if slot is not None else None
+
+    async def release(self, vault: str, reason: str) -> tuple[Replica, int]:
+        """Take ``vault`` away from replication for a takeover: raise and persist the epoch, end
+        the primary's connection (an ``epoch`` Error: fencing mid-connection), make everything
+        applied durable and close the replica. Returns the closed replica and the new epoch.
+
+        Raises:
+            ValueError: the vault is unknown here, already released, or not consistent.
+        """
+        slot = self._slots.get(vault)
+        if slot is None or slot.replica is None:
+            raise ValueError(f"vault {vault} has no replica here")
+        async with slot.lock:
+            replica = slot.replica
+            if slot.released_epoch is not None or replica is None:
+                raise ValueError(f"vault {vault} is already taken over here")
+            if replica.vault_id is None:
+                raise ValueError(f"vault {vault}: no primary has ever connected here")
+            if not replica.consistent:
+                why = replica.needs_resync or "a Synchronize is under way"
+                raise ValueError(f"vault {vault}: the replica is not a state the primary had ({why})")
+            epoch = replica.epoch + 1
+            # Persisted first: from here on a primary with the old epoch is refused, even after a restart.
+            await trio.to_thread.run_sync(_write_epoch, replica, epoch)
+            slot.released_epoch = epoch
+            conn = slot.conn
+            if conn is not None:
+                conn.refusal = ("epoch", f"vault {vault}: this target took over at epoch {epoch} ({reason})")
+                conn.scope.cancel()
+                await conn.done.wait()
+            await trio.to_thread.run_sync(replica.close)
+            slot.replica = None
+            log.warning("vault %s released for takeover at epoch %d (durable seq %d): %s", vault, epoch,
+                        replica.durable_seq, reason)
+            return replica, epoch
 
     # -- one connection --------------------------------------------------------
 
@@ -246,6 +312,12 @@ class TargetServer:
     async def _serve_vault(self, stream: trio.abc.Stream, peer: str, hello: protocol.Hello, vault: str) -> None:
         slot = self._slots.setdefault(vault, _VaultSlot())
         async with slot.lock:
+            if slot.released_epoch is not None:
+                # Fencing: this target took over; no primary feeds its copy any more.
+                if hello.epoch < slot.released_epoch:
+                    raise _Refused("epoch", f"vault {vault}: this target took over at epoch {slot.released_epoch}; "
+                                   f"the primary's epoch {hello.epoch} is stale")
+                raise _Refused("busy", f"vault {vault} is mounted as the primary here (epoch {slot.released_epoch})")
             if slot.replica is None:
                 try:
                     slot.replica = await trio.to_thread.run_sync(Replica.open, self.root, vault)
@@ -277,6 +349,8 @@ class TargetServer:
         try:
             with conn.scope:
                 await self._replay(stream, peer, hello, slot, replica)
+            if conn.refusal is not None:
+                raise _Refused(*conn.refusal)
             if conn.superseded_by is not None:
                 await _send_error(stream, "busy", f"superseded by a newer connection from {conn.superseded_by}")
                 raise _PeerGone(f"superseded by a newer connection from {conn.superseded_by}")
@@ -298,6 +372,7 @@ class TargetServer:
         last_durable = trio.current_time()
         while True:
             msg = await _receive(stream, decoder, silence_s=silence_s)
+            slot.last_heartbeat = trio.current_time()  # any frame shows the primary alive (failover.py)
             if isinstance(msg, protocol.OpBatch):
                 records = _decode_batch(msg, peer)
                 try:
@@ -342,6 +417,7 @@ async def serve_target(
     port: int,
     secret: bytes,
     *,
+    with_server: Callable[[TargetServer], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Receive vaults from primaries into ``ROOT/NAME`` folders until cancelled.
@@ -385,6 +461,8 @@ async def serve_target(
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve_control, control_socket_path(root), {"status": server.status})
                 await nursery.start(trio.serve_listeners, server.handle, listeners)
+                if with_server is not None:  # failover.py's watchers and health responder
+                    nursery.start_soon(with_server, server)
                 log.info("serving target root %s on %s", root, server.listen)
                 task_status.started(bound)
         finally:
@@ -392,6 +470,21 @@ async def serve_target(
                 await trio.to_thread.run_sync(server.close_all)
     finally:
         lock.release()
+
+
+def _write_epoch(replica: Replica, epoch: int) -> None:
+    state.write_atomic(replica.state_dir / "epoch", f"{epoch}\n".encode(), 0o600)
+    replica.epoch = epoch
+
+
+def _released_epoch(root: Path, vault: str) -> int | None:
+    """The epoch of a takeover recorded for ``vault`` (failover.py writes ``takeover.json``), or None."""
+    try:
+        record = json.loads((vault_state_dir(root, vault) / "takeover.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    epoch = record.get("epoch") if isinstance(record, dict) else None
+    return epoch if isinstance(epoch, int) and record.get("released", True) else None
 
 
 def format_address(host: str, port: int) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from octofs import codec, protocol, syncer
 from octofs.errors import (
     JournalError,
     PeerAuthError,
+    PeerEpochError,
     PeerError,
     PeerVersionError,
     ProtocolError,
@@ -148,6 +150,7 @@ class Shipper:
         exclude: ExcludeFilter | None = None,
         state_dir: Path | None = None,
         origin_empty: bool = False,
+        on_fenced: Callable[[str], None] | None = None,
     ) -> None:
         self.name = name
         self.host = host
@@ -189,6 +192,9 @@ class Shipper:
         self._sent_seq = 0
         self._sent_changed = trio.Event()
         self._answers: dict[int, list] = {}  # req -> [event, answer]
+        # Failover: called when the target refuses us for a stale epoch (another machine took over).
+        self._on_fenced = on_fenced
+        self.fenced = False
 
     @property
     def address(self) -> str:
@@ -204,7 +210,7 @@ class Shipper:
             name=self.name,
             address=self.address,
             mode=self.mode,
-            state="off" if not self._forwarding.on else self.state,
+            state="off" if not self._forwarding.on else ("fenced" if self.fenced else self.state),
             acked_seq=self.acked_seq,
             pending_ops=pending,
             lag_s=self._recorder.age_of(self.acked_seq + 1) if pending else 0.0,
@@ -387,6 +393,12 @@ class Shipper:
                 log.info("forwarding off: disconnected from target %s", self.name)
                 backoff = BACKOFF_MIN_S
                 continue
+            except PeerEpochError as exc:
+                self._fail(exc.message, level=logging.ERROR)
+                self.fenced = True
+                if self._on_fenced is not None:
+                    self._on_fenced(f"target {self.name} ({self.address}): {exc.message}")
+                backoff = BACKOFF_MAX_S
             except (PeerAuthError, PeerVersionError, PeerError, ProtocolError) as exc:
                 self._fail(exc.message, level=logging.ERROR)
                 backoff = BACKOFF_MAX_S
@@ -648,6 +660,9 @@ def _refusal(msg: protocol.Error, peer: str) -> PeerError:
         return PeerAuthError(peer=peer, reason=f"refused: {msg.message}")
     if msg.code == "version":
         return PeerVersionError(peer=peer, theirs=msg.message, ours=list(protocol.SUPPORTED_VERSIONS))
+    if msg.code == "epoch":
+        return PeerEpochError(f"Peer {peer} refused this primary's epoch: {msg.message}", peer=peer,
+                              theirs="?", ours="?")
     return PeerError(peer=peer, reason=f"refused ({msg.code}): {msg.message}")
 
 

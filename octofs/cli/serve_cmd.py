@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -85,7 +86,8 @@ async def _serve(cfg: ServeConfig, secret: bytes, ready: Path | None) -> None:
 
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            bound = await nursery.start(serve_target, cfg.root, cfg.listen_host, cfg.listen_port, secret)
+            bound = await nursery.start(functools.partial(serve_target, with_server=_failover(cfg, secret)),
+                                        cfg.root, cfg.listen_host, cfg.listen_port, secret)
             extra = await _start_extras(nursery, cfg, bound)
             if ready is not None:
                 info = {"pid": os.getpid(), "listen": format_address(*bound), **extra}
@@ -129,6 +131,23 @@ async def _start_extras(nursery, cfg: ServeConfig, bound: tuple[str, int]) -> di
 
         extra["metrics"] = await nursery.start(exporter.serve_metrics, cfg.metrics[0], cfg.metrics[1], status)
     return extra
+
+
+def _failover(cfg: ServeConfig, secret: bytes):
+    """What runs beside the listener when SERVE.yaml has ``failover:`` or ``health:`` (failover.py), or None."""
+    if not cfg.failover and cfg.health is None:
+        return None
+    from octofs import failover
+
+    watches = [failover.Watch(vault=f.vault, heartbeat_s=f.heartbeat_s, primary=f.primary, witness=f.witness,
+                              mount=f.mount, hooks=f.hooks, hook_timeout_s=f.hook_timeout_s, health=f.health,
+                              targets=f.targets) for f in cfg.failover]
+    assert cfg.secret_file is not None
+
+    async def run(server) -> None:
+        await failover.serve_failover(server, watches, secret, cfg.secret_file, cfg.health)
+
+    return run
 
 
 def _host_name(name: str) -> str:

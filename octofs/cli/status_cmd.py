@@ -51,15 +51,31 @@ def print_target(doc: dict[str, Any]) -> None:
     owners = "reproduced" if doc.get("owners") else "NOT reproduced (serve is not running as root)"
     console.print(f"octofs serve on {doc.get('listen')}, root {doc.get('root')}, pid {doc.get('pid')}; file owners {owners}")
     table = Table(title="vaults received", title_justify="left")
-    for col in ("vault", "vault id", "epoch", "applied seq", "durable seq", "primary", "last heartbeat", "problem"):
+    for col in ("vault", "role", "vault id", "epoch", "applied seq", "durable seq", "primary", "last heartbeat",
+                "failover", "problem"):
         table.add_column(col, overflow="fold", justify="right" if "seq" in col or col == "epoch" else "left")
     for v in doc.get("vaults", []):
         age = v.get("last_heartbeat_age_s")
         problem = v.get("error") or (f"needs resync: {v['needs_resync']}" if v.get("needs_resync") else "")
-        table.add_row(v["vault"], (v.get("vault_id") or "-")[:12], str(v.get("epoch")), str(v.get("applied_seq")),
-                      str(v.get("durable_seq")), v.get("peer") or "(not connected)",
-                      "-" if age is None else f"{age:.1f} s ago", problem)
+        fo = v.get("failover") or {}
+        watch = f"{fo['state']}" + (f": {fo['detail']}" if fo.get("detail") else "") if fo else "-"
+        table.add_row(v["vault"], v.get("role", "target"), (v.get("vault_id") or "-")[:12], str(v.get("epoch")),
+                      str(v.get("applied_seq")), str(v.get("durable_seq")), v.get("peer") or "(not connected)",
+                      "-" if age is None else f"{age:.1f} s ago", watch, problem)
     console.print(table)
+    for v in doc.get("vaults", []):
+        tk = v.get("takeover")
+        if not tk:
+            continue
+        console.print(f"vault {v['vault']}: taken over at epoch {tk.get('epoch')} (seq {tk.get('seq')}), "
+                      f"{tk.get('state')}; mounted on {tk.get('mountpoint')}; detection {tk.get('detection_s')} s; "
+                      f"{tk.get('reason')}")
+        mount = tk.get("mount") or {}
+        if mount:
+            console.print(f"  mount: exit {mount.get('rc')} in {mount.get('duration_s')} s")
+        for h in tk.get("hooks") or []:
+            outcome = "ok" if h["rc"] == 0 else ("TIMED OUT" if h.get("timed_out") else f"FAILED (exit {h['rc']})")
+            console.print(f"  hook {outcome} in {h['duration_s']} s: {h['command']}")
 
 
 def find_vault(which: str | None) -> tuple[Path, str]:
@@ -175,7 +191,10 @@ def run(args: argparse.Namespace) -> int:
             why = v["needs_resync"]
             problem = (problem + "; " if problem else "") + ("needs resync" if problem and problem in why
                                                              else f"needs resync: {why}")
-        if v.get("failsafe"):
+        if v.get("fenced"):
+            st = f"FENCED (read-only; epoch {v.get('epoch')}): another machine is the primary"
+            problem = (problem + "; " if problem else "") + v["fenced"]
+        elif v.get("failsafe"):
             st = "FAILSAFE (read-only)"
         elif v.get("blocked_changes"):
             st = f"BLOCKED: journal full, {v['blocked_changes']} change(s) waiting for the targets"

@@ -251,8 +251,9 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         there is none between the syscall and the append (docs/CONCURRENCY.md §2).
         """
         await self.recorder.wait_for_room()
-        if self.recorder.failsafe:
-            # EROFS, not EIO: the disk is fine, the vault refuses changes it cannot journal.
+        if self.recorder.failsafe or self.recorder.fenced:
+            # EROFS, not EIO: the disk is fine, the vault refuses changes it cannot journal
+            # (failsafe) or that another primary, at a higher epoch, now owns (fenced).
             raise FUSEError(errno.EROFS)
 
     def _record(self, op) -> int:

@@ -559,6 +559,7 @@ def test_documented_keys_match_the_code() -> None:
         | {f"failover.{k}" for k in config._FAILOVER_KEYS}
         | set(config._TARGET_KEYS)
         | set(config._SERVE_KEYS)
+        | set(config._SERVE_FAILOVER_KEYS)
     )
     assert documented == expected
 
