@@ -44,6 +44,7 @@ from octofs.errors import (
     ConfigValueError,
     UsageError,
 )
+from octofs.tlsconf import TlsSettings, normalize_fingerprint
 
 DEFAULT_PORT = 7070
 DEFAULT_LISTEN_HOST = "0.0.0.0"
@@ -84,6 +85,7 @@ class TargetConfig:
         on_timeout: ``"degrade"`` (to async, and say so) or ``"block"``.
         compress: ``"none"``, ``"auto"`` or ``"zstd"``.
         bandwidth_bps: bytes per second, 0 = unlimited.
+        tls: TLS settings (``tls:``), or None for plain TCP.
     """
 
     name: str
@@ -94,6 +96,7 @@ class TargetConfig:
     on_timeout: str
     compress: str
     bandwidth_bps: int
+    tls: TlsSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,7 @@ class ServeConfig:
         metrics: ``(host, port)`` of the Prometheus endpoint, or None (off).
         health: ``(host, port)`` of the UDP health responder (answers witness queries), or None.
         failover: one entry per vault this target may take over.
+        tls: TLS settings (``tls:``): then only TLS connections are accepted; None for plain TCP.
     """
 
     root: Path
@@ -204,6 +208,7 @@ class ServeConfig:
     metrics: tuple[str, int] | None = None
     health: tuple[str, int] | None = None
     failover: tuple[FailoverConfig, ...] = ()
+    tls: TlsSettings | None = None
 
 
 # -- sizes and durations ------------------------------------------------------
@@ -750,7 +755,8 @@ _VAULT_KEYS = (
     "allow_other",
     "metrics",
 )
-_TARGET_KEYS = ("name", "address", "mode", "sync_timeout", "on_timeout", "compress", "bandwidth")
+_TARGET_KEYS = ("name", "address", "mode", "sync_timeout", "on_timeout", "compress", "bandwidth", "tls")
+_TLS_KEYS = ("cert", "key", "fingerprint", "ca")
 _JOURNAL_KEYS = ("max_size", "when_full")
 _FAILOVER_KEYS = ("heartbeat", "health")
 
@@ -870,9 +876,49 @@ def _targets(doc: _Document, top: _Map) -> tuple[TargetConfig, ...]:
                 on_timeout=t.choice("on_timeout", ON_TIMEOUT, "degrade"),
                 compress=t.choice("compress", COMPRESS, "auto"),
                 bandwidth_bps=bandwidth_bps,
+                tls=_tls(t, primary=True),
             )
         )
     return tuple(targets)
+
+
+def _tls(top: _Map, *, primary: bool) -> TlsSettings | None:
+    """``tls:`` of a target (``primary``) or of SERVE.yaml; absent, null or off = plain TCP."""
+    node = top.node_of("tls")
+    if node is None:
+        return None
+    if isinstance(node, ScalarNode):
+        value = top.raw("tls", "a mapping with cert, key, fingerprint or ca, or off")
+        if value is False or (isinstance(value, str) and value.strip().lower() == "off"):
+            return None
+        top.fail("tls", f"expected a mapping with cert, key, fingerprint or ca, or off, got {_describe(value)}")
+    m = top.sub("tls", _TLS_KEYS, "a mapping with cert, key, fingerprint or ca")
+    assert m is not None
+
+    def existing(key: str) -> Path | None:
+        path = m.path(key)
+        return None if path is None else _check_secret_file(path, m.failer(key))
+
+    cert, key, ca = existing("cert"), existing("key"), existing("ca")
+    if (cert is None) != (key is None):
+        m.fail("cert" if cert is None else "key", "cert and key go together: give both or neither")
+    fingerprint = m.string("fingerprint")
+    if fingerprint is not None:
+        if not primary:
+            m.fail("fingerprint", "a target checks primaries by ca: (a file of their certificates), "
+                                  "not by fingerprint")
+        try:
+            fingerprint = normalize_fingerprint(fingerprint)
+        except ValueError as exc:
+            m.fail("fingerprint", str(exc))
+    if primary and fingerprint is None and ca is None:
+        m.fail("fingerprint", "give the target's certificate fingerprint (as `octofs keygen` prints it) "
+                              "or a ca: file, so that the target is checked")
+    if primary and fingerprint is not None and ca is not None:
+        m.fail("ca", "give either fingerprint or ca, not both")
+    if not primary and cert is None:
+        m.fail("cert", "a target needs its certificate and key (make them with `octofs keygen DIR`)")
+    return TlsSettings(cert=cert, key=key, fingerprint=fingerprint, ca=ca)
 
 
 def parse_metrics_address(text: str) -> tuple[str, int]:
@@ -916,7 +962,7 @@ def _health(m: _Map, key: str, *, listen: bool) -> tuple[str, int] | None:
 # -- SERVE.yaml --------------------------------------------------------------------
 
 _SERVE_KEYS = ("root", "listen", "secret_file", "discovery", "takeover_hooks", "name", "metrics", "health",
-               "failover")
+               "failover", "tls")
 _SERVE_FAILOVER_KEYS = ("vault", "heartbeat", "primary", "witness", "mount", "hooks", "hook_timeout", "health",
                         "targets")
 
@@ -1082,4 +1128,5 @@ def load_serve_config(
         metrics=metrics_address,
         health=health,
         failover=failover,
+        tls=_tls(top, primary=False) if top is not None else None,
     )

@@ -154,6 +154,7 @@ class PrimaryDaemon:
                 sync_timeout_s=t.sync_timeout_s, on_timeout=t.on_timeout,
                 backing_fd=self.backing_fd, exclude=ExcludeFilter(cfg.exclude), state_dir=self.state_dir,
                 origin_empty=origin_empty,
+                tls=_client_tls(cfg, t), compress=t.compress, bandwidth_bps=t.bandwidth_bps,
                 on_fenced=lambda message: fencing.fence(self.state_dir, self.recorder, message),
             ))
         reason = state.needs_resync(self.state_dir)
@@ -392,6 +393,19 @@ class PrimaryDaemon:
                     log.info("dropped %d journal segment(s) no target needs any more", dropped)
                     self.recorder.segments_dropped()
                 self.recorder.forget_before(low + 1)
+
+
+def _client_tls(cfg: VaultConfig, target):
+    """The primary's TLS for ``target`` (``tls:`` in vault.yaml, docs/FORMAT.md §7.12), or None."""
+    if target.tls is None:
+        return None
+    from octofs import tlsconf
+
+    try:
+        return tlsconf.client_tls(target.tls)
+    except ValueError as exc:
+        index = cfg.targets.index(target)
+        raise ConfigValueError(path=str(cfg.path), line="-", key=f"targets[{index}].tls", reason=str(exc)) from None
 
 
 def _read_acked(state_dir: Path, target: str) -> int:

@@ -30,7 +30,10 @@ the constructor; ``hint`` is an optional second line for the user.
     │   ├── PeerVersionError         42  protocol version mismatch
     │   ├── PeerEpochError           43  stale epoch
     │   ├── PeerAuthError            44  authentication failed
-    │   └── ProtocolError            45  malformed frame
+    │   ├── ProtocolError            45  malformed frame
+    │   ├── PeerSpaceError           46  the target has too little free space (octofs check)
+    │   ├── PeerCertificateError     47  TLS: wrong or missing certificate, or no TLS
+    │   └── PeerVaultError           48  the target holds another vault under this name
     ├── DaemonError                  50  generic daemon failure
     │   ├── DaemonNotRunningError    51  no daemon answers on the control socket
     │   ├── DaemonRunningError       52  already running (lock held)
@@ -227,6 +230,25 @@ class ProtocolError(PeerError):
     """Protocol violation from {peer}: {reason}"""
 
     exit_code = 45
+
+
+class PeerSpaceError(PeerError):
+    """Target {peer} has too little free space: {free} free, the vault needs {needed}"""
+
+    exit_code = 46
+
+
+class PeerCertificateError(PeerError):
+    """TLS with {peer} failed: {reason}"""
+
+    exit_code = 47
+    hint = "Compare the tls: settings of vault.yaml and SERVE.yaml (docs/VAULT_YAML.md, TLS)."
+
+
+class PeerVaultError(PeerError):
+    """Target {peer} holds another vault named {vault}: {reason}"""
+
+    exit_code = 48
 
 
 # -- daemons -----------------------------------------------------------------

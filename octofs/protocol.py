@@ -25,7 +25,7 @@ import struct
 from dataclasses import dataclass
 from typing import Union
 
-from octofs import codec
+from octofs import codec, compression
 from octofs.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -46,6 +46,10 @@ class Hello:
     epoch: int
     nonce: bytes
     heartbeat_s: float
+    # Optional (docs/FORMAT.md §7.11, §7.13): only ask (ProbeInfo, then close); the
+    # compressions the primary can send in `zops` frames.
+    probe: bool = False
+    compress: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,25 @@ class Welcome:
     needs_resync: str | None = None
     sync: dict | None = None
     synced: bool = False
+    compress: str | None = None  # optional: the hello's compression this target accepts (§7.13)
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeInfo:
+    """target → primary: the answer to a probe Hello (docs/FORMAT.md §7.11); the target closes after it."""
+
+    software: str
+    versions: tuple[int, ...]
+    version: int
+    free_bytes: int
+    total_bytes: int
+    vault_known: bool
+    vault_id_matches: bool
+    epoch: int
+    applied_seq: int
+    needs_resync: str | None
+    consistent: bool
+    connected: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +195,7 @@ class SyncEnd:
 
 
 Message = Union[Hello, Challenge, Auth, Welcome, OpBatch, Ack, Heartbeat, Error, SyncBegin, SyncQuery, SyncAnswer,
-                Repair, SyncCheckpoint, SyncEnd]
+                Repair, SyncCheckpoint, SyncEnd, ProbeInfo]
 
 ERROR_CODES = frozenset({"version", "auth", "vault_id", "epoch", "busy", "protocol", "apply", "internal"})
 
@@ -192,15 +215,16 @@ _TYPES: dict[str, type] = {
     "repair": Repair,
     "sync_checkpoint": SyncCheckpoint,
     "sync_end": SyncEnd,
+    "probe_info": ProbeInfo,
 }
 _TAGS = {cls: tag for tag, cls in _TYPES.items()}
 _FIELDS: dict[type, dict[str, tuple[type, ...]]] = {
     Hello: {"versions": (list,), "vault": (str,), "vault_id": (bytes,), "epoch": (int,), "nonce": (bytes,),
-            "heartbeat_s": (int, float)},
+            "heartbeat_s": (int, float), "probe": (bool,), "compress": (list,)},
     Challenge: {"version": (int,), "nonce": (bytes,), "proof": (bytes,)},
     Auth: {"proof": (bytes,)},
     Welcome: {"acked_seq": (int,), "epoch": (int,), "owners": (bool,), "needs_resync": (str, type(None)),
-              "sync": (dict, type(None)), "synced": (bool,)},
+              "sync": (dict, type(None)), "synced": (bool,), "compress": (str, type(None))},
     OpBatch: {"records": (list,)},
     Ack: {"seq": (int,)},
     Heartbeat: {"time_ns": (int,), "last_seq": (int,)},
@@ -211,10 +235,15 @@ _FIELDS: dict[type, dict[str, tuple[type, ...]]] = {
     Repair: {"records": (list,)},
     SyncCheckpoint: {"sync_id": (bytes,), "cursor": (bytes,)},
     SyncEnd: {"sync_id": (bytes,), "differences": (int,)},
+    ProbeInfo: {"software": (str,), "versions": (list,), "version": (int,), "free_bytes": (int,),
+                "total_bytes": (int,), "vault_known": (bool,), "vault_id_matches": (bool,), "epoch": (int,),
+                "applied_seq": (int,), "needs_resync": (str, type(None)), "consistent": (bool,),
+                "connected": (bool,)},
 }
 # Fields a peer may leave out (it predates them): absent means the dataclass default.
-_OPTIONAL: dict[type, frozenset[str]] = {Welcome: frozenset({"needs_resync", "sync", "synced"}),
-                                         SyncAnswer: frozenset({"skipped"})}
+_OPTIONAL: dict[type, frozenset[str]] = {Welcome: frozenset({"needs_resync", "sync", "synced", "compress"}),
+                                         SyncAnswer: frozenset({"skipped"}),
+                                         Hello: frozenset({"probe", "compress"})}
 
 
 def encode(msg: Message) -> bytes:
@@ -231,8 +260,41 @@ def encode(msg: Message) -> bytes:
     return _LEN.pack(len(payload)) + payload
 
 
-def decode_payload(payload: bytes, peer: str = "peer") -> Message:
-    """Decode one frame's payload (without its length prefix) into a message."""
+def encode_zops(codec_name: str, data: bytes) -> bytes:
+    """A `zops` frame (§7.13): ``data`` is the compressed msgpack array of record payloads."""
+    payload = codec.packb({"t": "zops", "codec": codec_name, "data": data})
+    if len(payload) > MAX_FRAME_BYTES:
+        raise ValueError(f"frame of {len(payload)} bytes exceeds MAX_FRAME_BYTES")
+    return _LEN.pack(len(payload)) + payload
+
+
+def pack_records(records: list[bytes] | tuple[bytes, ...]) -> bytes:
+    """The msgpack array of record payloads that a `zops` frame compresses."""
+    return codec.packb(list(records))
+
+
+def _decode_zops(body: dict, peer: str, accepted: str | None) -> OpBatch:
+    name, data = body.get("codec"), body.get("data")
+    if not isinstance(name, str) or not isinstance(data, bytes):
+        raise ProtocolError(peer=peer, reason="zops: codec must be a string and data binary")
+    if accepted is None or name != accepted:
+        raise ProtocolError(peer=peer, reason=f"zops: compression {name!r} was not agreed in the handshake")
+    try:
+        raw = compression.decompress(name, data, MAX_FRAME_BYTES)
+        records = codec.unpackb(raw)
+    except (ValueError, codec.CodecError) as exc:
+        raise ProtocolError(peer=peer, reason=f"zops: {exc}") from None
+    if not isinstance(records, list) or not all(isinstance(r, bytes) for r in records):
+        raise ProtocolError(peer=peer, reason="zops: the data must be an array of binary records")
+    return OpBatch(tuple(records))
+
+
+def decode_payload(payload: bytes, peer: str = "peer", *, compress: str | None = None) -> Message:
+    """Decode one frame's payload (without its length prefix) into a message.
+
+    ``compress``: the compression agreed in the handshake; a `zops` frame in it is
+    returned as the OpBatch it holds, any other `zops` frame is a protocol violation.
+    """
     try:
         body = codec.unpackb(payload)
     except codec.CodecError as exc:
@@ -240,6 +302,8 @@ def decode_payload(payload: bytes, peer: str = "peer") -> Message:
     if not isinstance(body, dict):
         raise ProtocolError(peer=peer, reason="frame is not a map")
     tag = body.get("t")
+    if tag == "zops":
+        return _decode_zops(body, peer, compress)
     cls = _TYPES.get(tag) if isinstance(tag, str) else None
     if cls is None:
         raise ProtocolError(peer=peer, reason=f"unknown message type {tag!r}")
@@ -263,6 +327,14 @@ def decode_payload(payload: bytes, peer: str = "peer") -> Message:
         kwargs["versions"] = tuple(kwargs["versions"])
         if len(kwargs["vault_id"]) != 16 or len(kwargs["nonce"]) != NONCE_BYTES:
             raise ProtocolError(peer=peer, reason="hello: bad vault_id or nonce length")
+        compress = kwargs.get("compress", [])
+        if not all(isinstance(c, str) for c in compress):
+            raise ProtocolError(peer=peer, reason="hello: compress must be an array of strings")
+        kwargs["compress"] = tuple(compress)
+    elif cls is ProbeInfo:
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in kwargs["versions"]):
+            raise ProtocolError(peer=peer, reason="probe_info: versions must be integers")
+        kwargs["versions"] = tuple(kwargs["versions"])
     elif cls is Challenge:
         if len(kwargs["nonce"]) != NONCE_BYTES:
             raise ProtocolError(peer=peer, reason="challenge: bad nonce length")
@@ -298,10 +370,12 @@ class FrameDecoder:
         max_frame_bytes: the largest frame accepted.
     """
 
-    def __init__(self, peer: str = "peer", max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+    def __init__(self, peer: str = "peer", max_frame_bytes: int = MAX_FRAME_BYTES,
+                 compress: str | None = None) -> None:
         self._buf = bytearray()
         self._peer = peer
         self._max = max_frame_bytes
+        self.compress = compress  # the compression agreed in the handshake (zops frames), or None
 
     def feed(self, data: bytes) -> None:
         self._buf += data
@@ -321,7 +395,7 @@ class FrameDecoder:
             return None
         payload = bytes(self._buf[_LEN.size : _LEN.size + length])
         del self._buf[: _LEN.size + length]
-        return decode_payload(payload, self._peer)
+        return decode_payload(payload, self._peer, compress=self.compress)
 
 
 # -- authentication ------------------------------------------------------------

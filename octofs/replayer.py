@@ -38,15 +38,17 @@ import logging
 import math
 import os
 import select
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
-from octofs import codec, protocol, state
+from octofs import codec, compression, probe, protocol, state
 from octofs.control import serve_control
-from octofs.errors import DaemonError, OpError, PeerEpochError, PeerError, ProtocolError
+from octofs.errors import DaemonError, OpError, PeerCertificateError, PeerEpochError, PeerError, ProtocolError
+from octofs.link import accept_tls
 from octofs.ops import Record
 from octofs.replica import (
     Replica,
@@ -122,12 +124,15 @@ class TargetServer:
         root: the target root (replica dirs ``ROOT/NAME``, state in ``ROOT/.octofs``).
         secret: the shared secret.
         listen: the bound address, for status.
+        tls: the server side's SSL context (SERVE.yaml ``tls:``): every connection must
+            then be TLS (docs/FORMAT.md §7.12); None for plain TCP.
     """
 
-    def __init__(self, root: Path, secret: bytes, listen: str = "") -> None:
+    def __init__(self, root: Path, secret: bytes, listen: str = "", tls: ssl.SSLContext | None = None) -> None:
         self.root = Path(root)
         self._secret = secret
         self.listen = listen
+        self._tls = tls
         self._slots: dict[str, _VaultSlot] = {}
         # Failover (failover.py): vault name -> extra status fields (monitor state, takeover record).
         self.status_extra: dict[str, dict] = {}
@@ -254,7 +259,12 @@ class TargetServer:
         peer = _peer_name(stream)
         log.debug("connection from %s", peer)
         try:
+            if self._tls is not None:  # no frame before the TLS handshake (FORMAT §7.12)
+                with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                    stream = await accept_tls(stream, self._tls)
             await self._session(stream, peer)
+        except PeerCertificateError as exc:
+            log.warning("refused %s: TLS handshake failed: %s", peer, exc.fields.get("reason", exc.message))
         except _Refused as exc:
             log.log(exc.level, "refused %s: %s", peer, exc.message)
             await _send_error(stream, exc.code, exc.message)
@@ -307,6 +317,14 @@ class TargetServer:
             vault = check_vault_name(hello.vault)
         except ValueError as exc:
             raise ProtocolError(peer=peer, reason=f"hello: {exc}") from None
+        if hello.probe:  # `octofs check`: answer and close; the vault is not touched (FORMAT §7.11)
+            slot = self._slots.get(vault)
+            info = await trio.to_thread.run_sync(
+                probe.probe_info, self.root, vault, hello.vault_id, version,
+                slot.replica if slot is not None else None, slot is not None and slot.conn is not None)
+            log.info("probe from %s for vault %s answered", peer, vault)
+            await _send(stream, info)
+            return
         await self._serve_vault(stream, peer, hello, vault)
 
     async def _serve_vault(self, stream: trio.abc.Stream, peer: str, hello: protocol.Hello, vault: str) -> None:
@@ -362,11 +380,13 @@ class TargetServer:
     async def _replay(self, stream: trio.abc.Stream, peer: str, hello: protocol.Hello, slot: _VaultSlot,
                       replica: Replica) -> None:
         acked = replica.durable_seq if replica.needs_resync is not None else await _make_durable(replica)
+        # Compression (FORMAT §7.13): the first codec of the hello's that this target decodes.
+        codec_name = next((c for c in hello.compress if c in compression.CODECS), None)
         await _send(stream, protocol.Welcome(acked, replica.epoch, replica.owners, replica.needs_resync,
-                                             replica.sync, replica.synced))
-        log.info("primary %s connected for vault %s (epoch %d), resuming after seq %d",
-                 peer, replica.vault, hello.epoch, acked)
-        decoder = protocol.FrameDecoder(peer=peer)
+                                             replica.sync, replica.synced, compress=codec_name))
+        log.info("primary %s connected for vault %s (epoch %d), resuming after seq %d%s",
+                 peer, replica.vault, hello.epoch, acked, f", {codec_name} compression" if codec_name else "")
+        decoder = protocol.FrameDecoder(peer=peer, compress=codec_name)
         silence_s = HEARTBEAT_MISSES * hello.heartbeat_s
         since_durable_bytes = 0
         last_durable = trio.current_time()
@@ -417,6 +437,7 @@ async def serve_target(
     port: int,
     secret: bytes,
     *,
+    tls: ssl.SSLContext | None = None,
     with_server: Callable[[TargetServer], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -427,6 +448,7 @@ async def serve_target(
         host: the address to listen on.
         port: the port; 0 picks a free one.
         secret: the shared secret (non-empty).
+        tls: accept only TLS connections with this context (docs/FORMAT.md §7.12).
 
     Returns (through ``task_status.started``):
         ``(host, port)`` actually bound, so that ``port=0`` works.
@@ -448,7 +470,7 @@ async def serve_target(
     except OSError as exc:
         raise DaemonError(f"Cannot use {root} as the target root: {exc.strerror or exc}", reason=str(exc)) from exc
     try:
-        server = TargetServer(root, secret)
+        server = TargetServer(root, secret, tls=tls)
         try:
             await trio.to_thread.run_sync(server.open_known)
             listeners = await trio.open_tcp_listeners(port, host=host)
@@ -598,7 +620,7 @@ def _more_waiting(stream: trio.abc.Stream, decoder: protocol.FrameDecoder) -> bo
     """Whether more input is already here (so making durable can wait for the end of the burst)."""
     if decoder.buffered:
         return True
-    sock = getattr(stream, "socket", None)
+    sock = getattr(getattr(stream, "transport_stream", stream), "socket", None)  # under TLS: the TCP socket
     if sock is None:
         return False
     poller = select.poll()

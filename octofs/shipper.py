@@ -32,7 +32,7 @@ from pathlib import Path
 
 import trio
 
-from octofs import codec, protocol, syncer
+from octofs import codec, compression, protocol, syncer
 from octofs.errors import (
     JournalError,
     PeerAuthError,
@@ -43,9 +43,11 @@ from octofs.errors import (
 )
 from octofs.exclude import ExcludeFilter
 from octofs.journal import JournalReader
+from octofs.link import TokenBucket, open_link, tls_refusal
 from octofs.ops import Record
 from octofs.recorder import Recorder
 from octofs.syncer import SyncJob
+from octofs.tlsconf import ClientTls
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,13 @@ class TargetStatistics:
     degraded_reason: str | None
     consistent: bool | None  # None until the target has been heard from
     synchronize: dict | None  # the Synchronize (or verify) under way or last finished (docs/CLI_JSON.md)
+    # The link (issue 8): TLS on or off; compress as configured and as agreed on the live
+    # connection (None: plain ops); the bandwidth limit (0 = none); op payload bytes before compression.
+    tls: bool = False
+    compress: str = "none"
+    compression: str | None = None
+    bandwidth_bps: int = 0
+    op_bytes_sent: int = 0
 
 
 class _ForwardingOff(Exception):
@@ -150,6 +159,9 @@ class Shipper:
         exclude: ExcludeFilter | None = None,
         state_dir: Path | None = None,
         origin_empty: bool = False,
+        tls: ClientTls | None = None,
+        compress: str = "none",
+        bandwidth_bps: int = 0,
         on_fenced: Callable[[str], None] | None = None,
     ) -> None:
         self.name = name
@@ -192,6 +204,16 @@ class Shipper:
         self._sent_seq = 0
         self._sent_changed = trio.Event()
         self._answers: dict[int, list] = {}  # req -> [event, answer]
+        # The link (issue 8): TLS, compression (agreed per connection, FORMAT §7.13), bandwidth limit.
+        self._tls = tls
+        self.compress = compress
+        self.compression: str | None = None
+        self._compressor: compression.BatchCompressor | None = None
+        self.bandwidth_bps = bandwidth_bps
+        self._bucket = TokenBucket(bandwidth_bps) if bandwidth_bps > 0 else None
+        # A frame takes at most ~1/4 s of the limit, so the rate stays even.
+        self._batch_bytes = min(BATCH_BYTES, max(64 * 1024, bandwidth_bps // 4)) if bandwidth_bps > 0 else BATCH_BYTES
+        self.op_bytes_sent = 0
         # Failover: called when the target refuses us for a stale epoch (another machine took over).
         self._on_fenced = on_fenced
         self.fenced = False
@@ -224,6 +246,11 @@ class Shipper:
             degraded_reason=self.degraded_reason,
             consistent=self.consistent,
             synchronize=(self.job or self.last_job).status() if (self.job or self.last_job) else None,
+            tls=self._tls is not None,
+            compress=self.compress,
+            compression=self.compression if self.state == "connected" else None,
+            bandwidth_bps=self.bandwidth_bps,
+            op_bytes_sent=self.op_bytes_sent,
         )
 
     # -- Synchronize ----------------------------------------------------------
@@ -427,13 +454,21 @@ class Shipper:
         self.last_error = message
 
     async def _connect_and_stream(self) -> None:
-        with trio.fail_after(CONNECT_TIMEOUT_S):
-            stream = await trio.open_tcp_stream(self.host, self.port)
+        # TCP, then TLS when configured (link.py): a wrong certificate is a PeerCertificateError.
+        stream = await open_link(self.host, self.port, tls=self._tls, peer=f"target {self.name} ({self.address})",
+                                 connect_timeout_s=CONNECT_TIMEOUT_S)
         async with stream:
             decoder = protocol.FrameDecoder(peer=f"target {self.name} ({self.address})")
-            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
-                welcome = await self._handshake(stream, decoder)
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                    welcome = await self._handshake(stream, decoder)
+            except trio.BrokenResourceError as exc:  # under TLS 1.3 a refused client certificate shows up here
+                raise tls_refusal(exc, self.address) or exc
             self.owners = welcome.owners
+            # Compression only if the target named a codec we offered (FORMAT §7.13).
+            self.compression = welcome.compress if self.compress != "none" and welcome.compress in compression.CODECS \
+                else None
+            self._compressor = compression.BatchCompressor(self.compress) if self.compression else None
             self._inflight.clear()
             self._inflight_bytes = 0
             self._answers.clear()
@@ -471,8 +506,13 @@ class Shipper:
     async def _handshake(self, stream: trio.abc.Stream, decoder: protocol.FrameDecoder) -> protocol.Welcome:
         nonce = protocol.new_nonce()
         await stream.send_all(protocol.encode(protocol.Hello(
-            protocol.SUPPORTED_VERSIONS, self._vault, self._vault_id, self._epoch, nonce, float(self.heartbeat_s))))
+            protocol.SUPPORTED_VERSIONS, self._vault, self._vault_id, self._epoch, nonce, float(self.heartbeat_s),
+            compress=compression.CODECS if self.compress != "none" else ())))
         challenge = await _expect(stream, decoder, protocol.Challenge, self.name)
+        if challenge.version not in protocol.SUPPORTED_VERSIONS:  # FORMAT §7.10: never guess
+            raise PeerVersionError(f"Target {self.address} chose protocol version {challenge.version}, which this "
+                                   f"octofs does not speak (it speaks {list(protocol.SUPPORTED_VERSIONS)})",
+                                   peer=self.address)
         expected = protocol.target_proof(self._secret, nonce, challenge.nonce, self._vault_id)
         if not protocol.proofs_equal(challenge.proof, expected):
             raise PeerAuthError(peer=self.address, reason="the target does not know the shared secret")
@@ -536,7 +576,7 @@ class Shipper:
             last_seq = next_seq - 1
             # Payloads go out exactly as journaled (no decode and re-encode); the target decodes
             # and validates each one.
-            while held and held[0][0] <= limit and size < BATCH_BYTES and len(batch) < BATCH_OPS:
+            while held and held[0][0] <= limit and size < self._batch_bytes and len(batch) < BATCH_OPS:
                 seq, payload = held.popleft()
                 batch.append(payload)
                 size += len(payload)
@@ -549,13 +589,15 @@ class Shipper:
                     batch.append(payload)
                     size += len(payload)
                     last_seq = seq
-                    if size >= BATCH_BYTES or len(batch) >= BATCH_OPS:
+                    if size >= self._batch_bytes or len(batch) >= BATCH_OPS:
                         break
             if not batch:
                 # Nothing readable yet (cannot normally happen after wait_durable); do not spin.
                 await trio.sleep(0.01)
                 continue
-            frame = protocol.encode(protocol.OpBatch(tuple(batch)))
+            frame = self._op_frame(batch, size)
+            if self._bucket is not None:  # bandwidth: (bytes/s)
+                await self._bucket.take(len(frame))
             async with send_lock:
                 await stream.send_all(frame)
                 self._set_sent(last_seq)
@@ -563,6 +605,15 @@ class Shipper:
             self._inflight.append((last_seq, len(frame)))
             self._inflight_bytes += len(frame)
             next_seq = last_seq + 1
+
+    def _op_frame(self, batch: list[bytes], size: int) -> bytes:
+        """An `ops` frame, or a `zops` frame when compression is agreed and pays (FORMAT §7.13)."""
+        self.op_bytes_sent += size
+        if self._compressor is not None and self.compression is not None:
+            data = self._compressor.compress(protocol.pack_records(batch))
+            if data is not None:
+                return protocol.encode_zops(self.compression, data)
+        return protocol.encode(protocol.OpBatch(tuple(batch)))
 
     def _set_sent(self, seq: int) -> None:
         self._sent_seq = seq
@@ -581,6 +632,8 @@ class _Link:
 
     async def send(self, msg: protocol.Message) -> int:
         frame = protocol.encode(msg)
+        if self._sh._bucket is not None:
+            await self._sh._bucket.take(len(frame))
         async with self._lock:
             pos = self._sh._sent_seq
             await self._stream.send_all(frame)
@@ -627,6 +680,8 @@ class _Link:
         finally:
             sh._recorder.resume()
         sh.bytes_sent += len(frame)
+        if sh._bucket is not None:  # charged after the fact: nothing may wait between produce and send
+            await sh._bucket.take(len(frame))
         return len(frame)
 
 
@@ -658,8 +713,8 @@ def _first_error(group: BaseExceptionGroup) -> BaseException:
 def _refusal(msg: protocol.Error, peer: str) -> PeerError:
     if msg.code == "auth":
         return PeerAuthError(peer=peer, reason=f"refused: {msg.message}")
-    if msg.code == "version":
-        return PeerVersionError(peer=peer, theirs=msg.message, ours=list(protocol.SUPPORTED_VERSIONS))
+    if msg.code == "version":  # the target's message names both lists (FORMAT §7.10)
+        return PeerVersionError(f"Target {peer} refused the protocol version: {msg.message}", peer=peer)
     if msg.code == "epoch":
         return PeerEpochError(f"Peer {peer} refused this primary's epoch: {msg.message}", peer=peer,
                               theirs="?", ours="?")

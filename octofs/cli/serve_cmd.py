@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_serve_config(args.serve_yaml, root=args.root, listen=args.listen, secret_file=args.secret_file,
                             discovery=args.discovery, name=args.name, metrics=args.metrics)
     secret = read_secret(cfg.secret_file)
+    tls_context(cfg)  # a certificate or key that cannot be loaded is a config error, before anything starts
     setup_logging(args, default_level=logging.INFO)
     import trio  # here, so that `octofs --help` does not import it
 
@@ -69,6 +70,19 @@ def run(args: argparse.Namespace) -> int:
             raise leaves[0] from None
         raise
     return 0
+
+
+def tls_context(cfg: ServeConfig):
+    """The server-side SSL context of SERVE.yaml's ``tls:`` (docs/FORMAT.md §7.12), or None."""
+    if cfg.tls is None:
+        return None
+    from octofs import tlsconf
+    from octofs.errors import ConfigValueError
+
+    try:
+        return tlsconf.server_context(cfg.tls)
+    except ValueError as exc:
+        raise ConfigValueError(path=str(cfg.path), line="-", key="tls", reason=str(exc)) from None
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
@@ -86,7 +100,8 @@ async def _serve(cfg: ServeConfig, secret: bytes, ready: Path | None) -> None:
 
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            bound = await nursery.start(functools.partial(serve_target, with_server=_failover(cfg, secret)),
+            bound = await nursery.start(functools.partial(serve_target, with_server=_failover(cfg, secret),
+                                                          tls=tls_context(cfg)),
                                         cfg.root, cfg.listen_host, cfg.listen_port, secret)
             extra = await _start_extras(nursery, cfg, bound)
             if ready is not None:

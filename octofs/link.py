@@ -1,0 +1,105 @@
+"""link.py: owns opening the replication link: TCP, then TLS when configured (docs/FORMAT.md §7.12), on both sides.
+
+Invariants:
+- With TLS, no octofs frame is sent or read before the TLS handshake has
+  completed and (primary side) the target's certificate matched the pinned
+  fingerprint or chained to the CA file.
+- A TLS failure is a ``PeerCertificateError`` with a readable reason; a TCP
+  failure stays an ``OSError`` (callers reconnect with backoff, as before TLS).
+"""
+
+from __future__ import annotations
+
+import ssl
+
+import trio
+
+from octofs import tlsconf
+from octofs.errors import PeerCertificateError
+from octofs.tlsconf import ClientTls
+
+
+async def open_link(host: str, port: int, *, tls: ClientTls | None, peer: str,
+                    connect_timeout_s: float) -> trio.abc.Stream:
+    """A connected stream to ``host:port``, TLS-wrapped and checked when ``tls`` is given.
+
+    Raises:
+        OSError, trio.TooSlowError: the TCP connection failed.
+        PeerCertificateError: the TLS handshake failed or the certificate is not the pinned one.
+    """
+    with trio.fail_after(connect_timeout_s):
+        tcp = await trio.open_tcp_stream(host, port)
+    if tls is None:
+        return tcp
+    stream = trio.SSLStream(tcp, tls.context, server_hostname=host)
+    try:
+        with trio.fail_after(connect_timeout_s):
+            await stream.do_handshake()
+        if tls.fingerprint is not None:
+            der = stream.getpeercert(binary_form=True)
+            got = tlsconf.fingerprint_der(der) if der else None
+            if got != tls.fingerprint:
+                shown = tlsconf.show(got) if got else "none"
+                raise PeerCertificateError(peer=peer, reason=f"the target's certificate {shown} is not the pinned "
+                                                             f"{tlsconf.show(tls.fingerprint)}")
+    except trio.BrokenResourceError as exc:
+        await trio.aclose_forcefully(tcp)
+        raise PeerCertificateError(peer=peer, reason=tlsconf.describe_failure(exc.__cause__)) from None
+    except BaseException:
+        await trio.aclose_forcefully(tcp)
+        raise
+    return stream
+
+
+def tls_refusal(exc: BaseException, peer: str) -> PeerCertificateError | None:
+    """The PeerCertificateError behind a broken TLS stream (e.g. the target refused our
+    client certificate, which TLS 1.3 reports only at the first read), or None."""
+    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else None
+    if isinstance(cause, ssl.SSLError):
+        return PeerCertificateError(peer=peer, reason=tlsconf.describe_failure(cause))
+    return None
+
+
+async def accept_tls(stream: trio.abc.Stream, context: ssl.SSLContext) -> trio.SSLStream:
+    """The target's side: complete the TLS handshake on an accepted connection.
+
+    Raises:
+        PeerCertificateError: the handshake failed (no TLS, a missing or untrusted client certificate).
+    """
+    ssl_stream = trio.SSLStream(stream, context, server_side=True)
+    try:
+        await ssl_stream.do_handshake()
+    except trio.BrokenResourceError as exc:
+        raise PeerCertificateError(peer="primary", reason=tlsconf.describe_failure(exc.__cause__, our_side="target"))\
+            from None
+    return ssl_stream
+
+
+class TokenBucket:
+    """A bytes-per-second limit (vault.yaml ``bandwidth:``) on what a shipper sends.
+
+    ``take(n)`` charges ``n`` bytes and, when the bucket is in debt, sleeps until the
+    debt is paid at ``rate_bps``: a frame larger than the burst still goes out whole,
+    and the average rate over any stretch longer than a frame is the limit.
+
+    Args:
+        rate_bps: bytes per second (> 0).
+        burst: bytes that may go out at once after a quiet spell (default: rate/10, at least 64 KiB).
+    """
+
+    def __init__(self, rate_bps: int, burst: int | None = None) -> None:
+        if rate_bps <= 0:
+            raise ValueError("rate_bps must be positive")
+        self.rate_bps = rate_bps
+        self.burst = burst if burst is not None else max(64 * 1024, rate_bps // 10)
+        self._tokens = float(self.burst)
+        self._stamp: float | None = None
+
+    async def take(self, n: int) -> None:
+        now = trio.current_time()
+        if self._stamp is not None:
+            self._tokens = min(float(self.burst), self._tokens + (now - self._stamp) * self.rate_bps)
+        self._stamp = now
+        self._tokens -= n
+        if self._tokens < 0:
+            await trio.sleep(-self._tokens / self.rate_bps)
