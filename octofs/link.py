@@ -70,6 +70,17 @@ async def accept_tls(stream: trio.abc.Stream, context: ssl.SSLContext) -> trio.S
     try:
         await ssl_stream.do_handshake()
     except trio.BrokenResourceError as exc:
+        # OpenSSL wrote an alert for the peer (certificate required, unknown CA, ...), but trio
+        # gives up without sending it; send it ourselves, best effort, so that the primary can
+        # say *why* (else it sees only an EOF). `_outgoing` is trio's MemoryBIO; without it, skip.
+        outgoing = getattr(ssl_stream, "_outgoing", None)
+        alert = outgoing.read() if outgoing is not None else b""
+        if alert:
+            with trio.move_on_after(1):
+                try:
+                    await stream.send_all(alert)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
         raise PeerCertificateError(peer="primary", reason=tlsconf.describe_failure(exc.__cause__, our_side="target"))\
             from None
     return ssl_stream

@@ -119,7 +119,7 @@ async def _ask(stream: trio.abc.Stream, peer: str, vault: str, vault_id: bytes, 
     nonce = protocol.new_nonce()
     await stream.send_all(protocol.encode(protocol.Hello(
         protocol.SUPPORTED_VERSIONS, vault, vault_id, epoch, nonce, 15.0, probe=True)))
-    challenge = await _next(stream, decoder, peer)
+    challenge = await _next(stream, decoder, peer, tls)
     if not isinstance(challenge, protocol.Challenge):
         raise ProtocolError(peer=peer, reason=f"expected challenge, got {type(challenge).__name__}")
     if challenge.version not in protocol.SUPPORTED_VERSIONS:
@@ -129,7 +129,7 @@ async def _ask(stream: trio.abc.Stream, peer: str, vault: str, vault_id: bytes, 
         raise PeerAuthError(peer=peer, reason="the target does not know the shared secret (the secret files differ)")
     await stream.send_all(protocol.encode(protocol.Auth(
         protocol.primary_proof(secret, nonce, challenge.nonce, vault_id))))
-    answer = await _next(stream, decoder, peer)
+    answer = await _next(stream, decoder, peer, tls)
     if isinstance(answer, protocol.ProbeInfo):
         return ProbeResult(answer, None, challenge.version, tls)
     if isinstance(answer, protocol.Welcome):  # a target that predates the probe (§7.11)
@@ -137,7 +137,7 @@ async def _ask(stream: trio.abc.Stream, peer: str, vault: str, vault_id: bytes, 
     raise ProtocolError(peer=peer, reason=f"expected probe_info, got {type(answer).__name__}")
 
 
-async def _next(stream: trio.abc.Stream, decoder: protocol.FrameDecoder, peer: str) -> protocol.Message:
+async def _next(stream: trio.abc.Stream, decoder: protocol.FrameDecoder, peer: str, tls: bool) -> protocol.Message:
     while True:
         msg = decoder.next_message()
         if msg is not None:
@@ -147,7 +147,8 @@ async def _next(stream: trio.abc.Stream, decoder: protocol.FrameDecoder, peer: s
         data = await stream.receive_some(65536)
         if not data:
             raise PeerError(peer=peer, reason="the target closed the connection during the handshake"
-                                              + ("" if decoder.buffered else " (does it require TLS?)"))
+                                              + ("" if tls else " (does it accept only TLS? then give the target "
+                                                                "tls: in vault.yaml)"))
         decoder.feed(data)
 
 
