@@ -37,7 +37,10 @@ the constructor; ``hint`` is an optional second line for the user.
     ├── DaemonError                  50  generic daemon failure
     │   ├── DaemonNotRunningError    51  no daemon answers on the control socket
     │   ├── DaemonRunningError       52  already running (lock held)
-    │   └── WaitTimeoutError         53  a --wait-* barrier timed out
+    │   ├── WaitTimeoutError         53  a --wait-* barrier timed out
+    │   ├── FreezeError              54  a vault cannot be frozen (octofs freeze / snapshot)
+    │   ├── FreezeLostError          55  the freeze ended before the backup did
+    │   └── SnapshotError            56  octofs snapshot could not copy
     signals                          128+N
 """
 
@@ -276,3 +279,22 @@ class WaitTimeoutError(DaemonError):
     """Timed out after {timeout_s} s waiting for {what}"""
 
     exit_code = 53
+
+
+class FreezeError(DaemonError):
+    """Cannot freeze vault {vault}: {reason}"""
+
+    exit_code = 54
+
+
+class FreezeLostError(DaemonError):
+    """The freeze of vault {vault} ended before {what} finished ({how}): the copy may have changed while it ran"""
+
+    exit_code = 55
+    hint = "give a longer --max, and see `octofs status --root` (last_freeze)"
+
+
+class SnapshotError(DaemonError):
+    """Snapshot of vault {vault} into {dest} failed: {reason}"""
+
+    exit_code = 56

@@ -48,6 +48,7 @@ import trio
 from octofs import codec, compression, probe, protocol, state
 from octofs.control import serve_control
 from octofs.errors import DaemonError, OpError, PeerCertificateError, PeerEpochError, PeerError, ProtocolError
+from octofs.freeze import FreezeGate, Freezer
 from octofs.link import accept_tls
 from octofs.ops import Record
 from octofs.replica import (
@@ -115,6 +116,7 @@ class _VaultSlot:
     # Failover: this target took the vault over at this epoch; the replica dir belongs to a
     # mount now, and every primary is refused (docs/FORMAT.md §11).
     released_epoch: int | None = None
+    freeze: FreezeGate = field(default_factory=FreezeGate)  # octofs freeze / thaw (freeze.py)
 
 
 class TargetServer:
@@ -136,6 +138,7 @@ class TargetServer:
         self._slots: dict[str, _VaultSlot] = {}
         # Failover (failover.py): vault name -> extra status fields (monitor state, takeover record).
         self.status_extra: dict[str, dict] = {}
+        self.freezer = Freezer(self._slots.get, lambda: sorted(self._slots))
 
     # -- lifetime ----------------------------------------------------------
 
@@ -193,6 +196,7 @@ class TargetServer:
             if slot.released_epoch is not None:
                 entry["epoch"] = slot.released_epoch
                 entry["role"] = "primary"
+            entry.update(slot.freeze.status())
             entry.update(self.status_extra.get(name, {}))
             vaults.append(entry)
         for name in sorted(set(self.status_extra) - set(self._slots)):
@@ -241,6 +245,7 @@ class TargetServer:
             # Persisted first: from here on a primary with the old epoch is refused, even after a restart.
             await trio.to_thread.run_sync(_write_epoch, replica, epoch)
             slot.released_epoch = epoch
+            self.freezer.end(vault, slot.freeze, "taken over")
             conn = slot.conn
             if conn is not None:
                 conn.refusal = ("epoch", f"vault {vault}: this target took over at epoch {epoch} ({reason})")
@@ -365,7 +370,7 @@ class TargetServer:
             conn = _Connection(peer)
             slot.conn = conn
         try:
-            with conn.scope:
+            with conn.scope, slot.freeze.attached(replica):
                 await self._replay(stream, peer, hello, slot, replica)
             if conn.refusal is not None:
                 raise _Refused(*conn.refusal)
@@ -391,7 +396,11 @@ class TargetServer:
         since_durable_bytes = 0
         last_durable = trio.current_time()
         while True:
-            msg = await _receive(stream, decoder, silence_s=silence_s)
+            # Through the freeze gate (freeze.py): while the vault is frozen, op batches and Synchronize
+            # frames are held and only the rest (heartbeats) comes out.
+            msg = await slot.freeze.next_message(lambda: _receive(stream, decoder, silence_s=silence_s),
+                                                 keepalive=lambda: _send(stream, protocol.Ack(replica.durable_seq)),
+                                                 keepalive_s=hello.heartbeat_s)
             slot.last_heartbeat = trio.current_time()  # any frame shows the primary alive (failover.py)
             if isinstance(msg, protocol.OpBatch):
                 records = _decode_batch(msg, peer)
@@ -481,7 +490,9 @@ async def serve_target(
                 log.warning("running as uid %d, not root: file owners are not reproduced on this target",
                             os.geteuid())
             async with trio.open_nursery() as nursery:
-                await nursery.start(serve_control, control_socket_path(root), {"status": server.status})
+                await nursery.start(serve_control, control_socket_path(root),
+                                    {"status": server.status, **server.freezer.handlers()})
+                nursery.start_soon(server.freezer.run)  # a freeze's maximum duration
                 await nursery.start(trio.serve_listeners, server.handle, listeners)
                 if with_server is not None:  # failover.py's watchers and health responder
                     nursery.start_soon(with_server, server)

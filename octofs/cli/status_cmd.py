@@ -63,6 +63,11 @@ def print_target(doc: dict[str, Any]) -> None:
                       str(v.get("applied_seq")), str(v.get("durable_seq")), v.get("peer") or "(not connected)",
                       "-" if age is None else f"{age:.1f} s ago", watch, problem)
     console.print(table)
+    # Frozen vaults, and freezes that ended by themselves (octofs freeze).
+    from octofs.cli.freeze_cmd import freeze_lines
+
+    for line in freeze_lines(doc):
+        console.print(line, highlight=False, markup=False)
     for v in doc.get("vaults", []):
         tk = v.get("takeover")
         if not tk:
