@@ -209,7 +209,7 @@ class PrimaryDaemon:
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve_control, paths.control_socket_path(self.state_dir), {
                     "status": self._status, "wait_synced": self._wait_synced, "forward": self._forward,
-                    "sync": self._sync,
+                    "sync": self._sync, "failover": self._failover,
                 })
                 if cfg.metrics is not None:  # the same document as `status --json` (docs/METRICS.md)
                     self.metrics_address = await nursery.start(serve_metrics, *cfg.metrics, lambda: self._status({}))
@@ -250,6 +250,19 @@ class PrimaryDaemon:
         origin = "empty" if fresh and not os.listdir(self.cfg.backing) else "existing"
         state.write_atomic(path, origin.encode() + b"\n")
         return origin
+
+    async def _failover(self, request: dict) -> dict:
+        """A planned switch to a target (``octofs failover``; fencing.hand_over)."""
+        assert self.recorder is not None
+        to = request.get("to")
+        if to is not None and not (isinstance(to, list) and len(to) == 2):
+            raise ControlRequestError("'to' must be [host, port]")
+        return await fencing.hand_over(
+            vault=self.cfg.vault, state_dir=self.state_dir, recorder=self.recorder, shippers=self.shippers,
+            secret=self._secret(), epoch=state.read_epoch(self.state_dir), target=request.get("target"),
+            to=tuple(to) if to else None, timeout_s=float(request.get("timeout_s") or 60.0),
+            become_target=(Path(request["become_target"]), self.cfg.backing, state.vault_id(self.state_dir))
+            if request.get("become_target") else None)
 
     async def _sync(self, request: dict) -> dict:
         """Start a Synchronize (or verify-only pass) of one or every target (docs/CLI_JSON.md)."""

@@ -150,7 +150,7 @@ class Watcher:
         start = trio.current_time()
         silence_s = SILENCE_INTERVALS * w.heartbeat_s
         timeout_s = probe_timeout(w.heartbeat_s)
-        while True:
+        while self.record is None:  # a planned handover (``handover``) may take over meanwhile
             last = self.server.heard(w.vault) or start
             now = trio.current_time()
             if now < last + silence_s:
@@ -160,8 +160,8 @@ class Watcher:
                 continue
             self._set("querying", f"no heartbeat for {now - last:.2f} s; asking the primary directly")
             alive = await health.probe(w.primary, w.vault, self.secret, timeout_s=timeout_s, tries=PROBE_TRIES)
-            if (self.server.heard(w.vault) or start) > last:
-                continue  # heartbeats resumed meanwhile
+            if (self.server.heard(w.vault) or start) > last or self.record is not None:
+                continue  # heartbeats resumed meanwhile (or a planned handover happened)
             if alive is not None and alive.role == "primary":
                 self._set("primary answers", f"the replication link is silent, but the primary answers the "
                           f"direct query (epoch {alive.epoch}, seq {alive.seq}): no takeover")
@@ -182,6 +182,8 @@ class Watcher:
                               "witness (a partition between it and this target): no takeover")
                     await trio.sleep(w.heartbeat_s)
                     continue
+            if self.record is not None:
+                break
             replica = self.server.replica(w.vault)
             why_not = _why_not(replica)
             if why_not is not None:
@@ -201,7 +203,35 @@ class Watcher:
 
     # -- takeover -----------------------------------------------------------
 
-    async def take_over(self, reason: str, detection_s: float) -> dict:
+    async def handover(self, epoch: object, seq: object) -> dict:
+        """A planned switch (``octofs failover`` on the primary): take over now if the replica holds
+        exactly what the drained primary journaled (``seq`` of ``epoch``). Idempotent for a retried request."""
+        if type(epoch) is not int or type(seq) is not int:
+            return {"accepted": False, "reason": "bad epoch or seq"}
+        if self.record is not None:
+            if self.record.get("planned") == [epoch, seq]:
+                return {"accepted": self.record.get("state") == "primary", "epoch": self.record["epoch"],
+                        "reason": f"taken over: {self.record.get('state')}"}
+            return {"accepted": False, "reason": f"already taken over at epoch {self.record.get('epoch')}"}
+        replica = self.server.replica(self.w.vault)
+        why_not = _why_not(replica)
+        if why_not is None and replica is not None:
+            if replica.epoch != epoch:
+                why_not = f"the replica is at epoch {replica.epoch}, the primary asks at epoch {epoch}"
+            elif replica.durable_seq != seq:
+                why_not = f"the replica is durable at seq {replica.durable_seq}, not at the primary's {seq}: not synced"
+        if why_not is not None:
+            log.warning("vault %s: planned handover refused: %s", self.w.vault, why_not)
+            return {"accepted": False, "reason": why_not}
+        try:
+            record = await self.take_over(f"planned handover from the primary at epoch {epoch}, seq {seq}", 0.0,
+                                          planned=[epoch, seq])
+        except ValueError as exc:
+            return {"accepted": False, "reason": str(exc)}
+        return {"accepted": record["state"] == "primary", "epoch": record["epoch"],
+                "reason": f"taken over: {record['state']}"}
+
+    async def take_over(self, reason: str, detection_s: float, planned: list | None = None) -> dict:
         """Release the replica, mount it as the new primary, run the hooks (see the module docstring)."""
         w = self.w
         self._set("taking over", reason)
@@ -218,6 +248,7 @@ class Watcher:
             "state": "mounting",
             "mount": None,
             "hooks": [],
+            "planned": planned,
         }
         self.record = record
         await trio.to_thread.run_sync(self._save)
@@ -341,7 +372,14 @@ def _why_not(replica: Replica | None) -> str | None:
 
 async def serve_failover(server: TargetServer, watches: list[Watch], secret: bytes, secret_file: Path,
                          health_address: tuple[str, int] | None) -> None:
-    """Run a Watcher per vault and, if configured, the health responder (witness) until cancelled."""
+    """Run a Watcher per vault and, if configured, the health responder (witness, planned handover) until cancelled."""
+    watchers = {watch.vault: Watcher(server, watch, secret, secret_file) for watch in watches}
+
+    async def handover(body: dict) -> dict:
+        watcher = watchers.get(body["vault"])
+        if watcher is None:
+            return {"accepted": False, "reason": f"this target has no failover entry for vault {body['vault']}"}
+        return await watcher.handover(body.get("epoch"), body.get("seq"))
 
     def lookup(vault: str) -> health.Alive | None:
         extra = server.status_extra.get(vault, {})
@@ -355,13 +393,13 @@ async def serve_failover(server: TargetServer, watches: list[Watch], secret: byt
     async with trio.open_nursery() as nursery:
         if health_address is not None:
             await nursery.start(lambda task_status: health.serve_health(
-                *health_address, secret, lookup, witness=True, task_status=task_status))
+                *health_address, secret, lookup, witness=True, handover=handover, task_status=task_status))
         for watch in watches:
             log.info("vault %s: failover armed (heartbeat %g s, primary %s, witness %s, detection within %.2f s)",
                      watch.vault, watch.heartbeat_s, health.format_address(*watch.primary),
                      health.format_address(*watch.witness) if watch.witness else "none",
                      detection_bound(watch.heartbeat_s, watch.witness is not None))
-            nursery.start_soon(Watcher(server, watch, secret, secret_file).run)
+            nursery.start_soon(watchers[watch.vault].run)
 
 
 __all__ = ["Watch", "Watcher", "detection_bound", "load_record", "primary_state_dir", "serve_failover",

@@ -16,9 +16,13 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import shutil
+import struct
 from pathlib import Path
 
-from octofs import state
+import trio
+
+from octofs import health, replica, state
 from octofs.health import Alive
 from octofs.recorder import Recorder
 
@@ -71,4 +75,109 @@ def primary_lookup(vault: str, recorder: Recorder, epoch: int):
     return lookup
 
 
-__all__ = ["clear", "fence", "fenced_path", "load", "primary_lookup"]
+HANDOVER_TRIES = 5
+
+
+def seed_target(root: Path, vault: str, backing: Path, vault_id: bytes, epoch: int, seq: int) -> Path:
+    """Make the backing dir ``ROOT/NAME`` a target's replica dir at ``seq`` of ``epoch`` (docs/FORMAT.md §11.4).
+
+    The local ``octofs serve --root ROOT`` then receives the vault from the new primary and resumes
+    after ``seq``, with nothing to synchronize. Raises ValueError when the layout does not allow it.
+    """
+    root = Path(root).resolve()
+    if Path(backing).resolve() != root / vault:
+        raise ValueError(f"the backing dir {backing} is not {root / vault}: to become a target, the backing dir must "
+                         "be ROOT/VAULT of the serve root")
+    sdir = replica.vault_state_dir(root, vault)
+    if sdir.exists():
+        raise ValueError(f"{sdir} exists: the serve root already has state for vault {vault}")
+    sdir.mkdir(mode=0o700, parents=True)
+    state.write_atomic(sdir / "vault_id", vault_id.hex().encode() + b"\n", 0o600)
+    state.write_atomic(sdir / "epoch", f"{epoch}\n".encode(), 0o600)
+    state.write_atomic(sdir / "position", struct.pack("<QQ", seq, seq), 0o600)
+    state.write_atomic(sdir / "synced", b"handover\n", 0o600)
+    return sdir
+
+
+async def hand_over(*, vault: str, state_dir: Path, recorder: Recorder, shippers: list, secret: bytes, epoch: int,
+                    target: str | None, to: tuple[str, int] | None, timeout_s: float,
+                    become_target: tuple[Path, Path, bytes] | None = None) -> dict:
+    """A planned switch (``octofs failover``): drain, wait until the target has everything, hand over.
+
+    1. Drain: the vault is fenced at once (every later change fails with EROFS; a change already
+       past its admission is journaled before this returns to the event loop).
+    2. Wait until the target has acked the last seq and is consistent.
+    3. Ask the target's health responder (``to``, default its host and port 7071) to take over at
+       that seq (health.request_handover). It raises the epoch, which ends our connection with an
+       ``epoch`` refusal: from then on this primary stays fenced, and no op was lost.
+
+    With ``become_target`` (serve root, backing dir, vault id), the backing dir is made the replica
+    dir of that serve root at the drained seq (``seed_target``) just before the request, so the new
+    primary streams to this machine from there (FORMAT §11.4).
+
+    On failure the fence is lifted again and the reason is returned (``accepted`` False).
+    """
+    chosen = [sh for sh in shippers if target in (None, sh.name)]
+    if not chosen:
+        return {"accepted": False, "reason": f"vault {vault} has no target named {target!r}" if target
+                else f"vault {vault} has no targets"}
+    if len(chosen) > 1:
+        return {"accepted": False, "reason": "the vault has several targets: name one (--target)"}
+    sh = chosen[0]
+    if recorder.fenced is not None:
+        return {"accepted": False, "reason": f"vault {vault} is fenced already: {recorder.fenced}"}
+    address = to or (sh.host, health.DEFAULT_PORT)
+    fence(state_dir, recorder, f"planned failover: handing over to target {sh.name} ({sh.address})")
+    answer: dict | None = None
+    asked = False
+    seeded: Path | None = None
+    seeded_seq: int | None = None
+    seq = recorder.writer.last_seq
+    with trio.move_on_after(timeout_s):
+        for _ in range(HANDOVER_TRIES):
+            seq = recorder.writer.last_seq  # only fsync barriers can still be appended while fenced
+            await recorder.wait_durable(seq, urgent=True)
+            await sh.wait_acked(seq)
+            await sh.wait_consistent()
+            log.info("vault %s drained at seq %d, acked by target %s: asking it to take over", vault, seq, sh.name)
+            if become_target is not None and seeded_seq != seq:
+                root, backing, vault_id = become_target
+                try:
+                    if seeded is not None:  # an fsync barrier was appended since: seed at the new seq
+                        shutil.rmtree(seeded)
+                    seeded, seeded_seq = seed_target(root, vault, backing, vault_id, epoch + 1, seq), seq
+                except (ValueError, OSError) as exc:
+                    clear(state_dir, recorder)
+                    return {"accepted": False, "reason": str(exc), "seq": seq, "fenced": False}
+            asked = True
+            answer = await health.request_handover(address, vault, secret, epoch=epoch, seq=seq,
+                                                   timeout_s=max(1.0, timeout_s / 2))
+            if answer is not None and (answer.get("accepted") or seq == recorder.writer.last_seq):
+                break
+    if not asked:
+        clear(state_dir, recorder)
+        reason = (f"target {sh.name} did not ack seq {seq} (or finish a Synchronize) within {timeout_s:g} s: "
+                  f"{sh.last_error or sh.state}; nothing was handed over")
+        log.error("planned failover of vault %s: %s", vault, reason)
+        return {"accepted": False, "reason": reason, "seq": seq, "fenced": False}
+    if answer is None:
+        # It may have taken over and its answer got lost: stay fenced (never two primaries).
+        reason = (f"the target did not answer the handover request at {health.format_address(*address)}; "
+                  "the vault stays fenced (read-only) until you check the target: `octofs status --root` there")
+        log.error("planned failover of vault %s to %s: %s", vault, sh.name, reason)
+        return {"accepted": False, "reason": reason, "seq": seq, "fenced": True}
+    if not answer.get("accepted"):
+        reason = str(answer.get("reason"))
+        clear(state_dir, recorder)  # the target refused: it did not take over, so this stays the primary
+        if seeded is not None:
+            shutil.rmtree(seeded, ignore_errors=True)
+        log.error("planned failover of vault %s to %s refused: %s", vault, sh.name, reason)
+        return {"accepted": False, "reason": reason, "seq": seq, "fenced": False}
+    new_epoch = answer.get("epoch")
+    recorder.fenced = None  # rewritten with the outcome
+    fence(state_dir, recorder, f"handed over to target {sh.name} ({sh.address}) at seq {seq}: it is the primary "
+          f"at epoch {new_epoch} now")
+    return {"accepted": True, "seq": seq, "epoch": new_epoch, "target": sh.name}
+
+
+__all__ = ["clear", "fence", "fenced_path", "hand_over", "load", "primary_lookup"]

@@ -28,7 +28,7 @@ import hmac
 import logging
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -41,9 +41,10 @@ MAGIC = "octofs-health"
 VERSION = 1
 NONCE_BYTES = 16
 MAX_DATAGRAM_BYTES = 2048
+DEFAULT_PORT = 7071
 _MAC_PREFIX = b"octofs-health-v1|"
-REQUEST_TYPES = ("probe", "see")
-ANSWER_TYPES = {"probe": "alive", "see": "seen"}
+REQUEST_TYPES = ("probe", "see", "handover")
+ANSWER_TYPES = {"probe": "alive", "see": "seen", "handover": "handover_ok"}
 
 
 class HealthError(Exception):
@@ -201,18 +202,29 @@ async def ask_witness(witness: tuple[str, int], primary: tuple[str, int], vault:
     return None
 
 
+async def request_handover(target: tuple[str, int], vault: str, secret: bytes, *, epoch: int, seq: int,
+                           timeout_s: float) -> dict | None:
+    """Ask the target at ``target`` to take ``vault`` over now (a planned switch): every op up to ``seq``
+    of ``epoch`` is acked there. Returns its answer (``accepted``, ``reason``, ``epoch``) or None (silent)."""
+    body = {"type": "handover", "vault": vault, "nonce": secrets.token_bytes(NONCE_BYTES), "epoch": epoch,
+            "seq": seq}
+    return await _exchange(target, secret, body, timeout_s)
+
+
 # -- the responder ------------------------------------------------------------------------
 
 Lookup = Callable[[str], Alive | None]
+Handler = Callable[[dict], Awaitable[dict]]
 
 
 async def serve_health(host: str, port: int, secret: bytes, lookup: Lookup, *, witness: bool = False,
-                       task_status: trio.TaskStatus[tuple[str, int] | None] = trio.TASK_STATUS_IGNORED) -> None:
+                       handover: Handler | None = None, task_status: trio.TaskStatus[tuple[str, int] | None] = trio.TASK_STATUS_IGNORED) -> None:
     """Answer authenticated health requests on UDP ``host:port`` until cancelled.
 
     Args:
         lookup: vault name → what to answer to ``probe`` (None: do not answer for it).
         witness: also answer ``see`` (probe the named primary, say whether it answered).
+        handover: answer ``handover`` with what this returns (failover.py: a planned takeover).
 
     Returns (through ``task_status.started``): the bound address, or None when the
     port could not be bound (then this returns at once, after a WARNING).
@@ -252,6 +264,8 @@ async def serve_health(host: str, port: int, secret: bytes, lookup: Lookup, *, w
                     await _reply(sock, secret, reply, addr)
                 elif body["type"] == "see" and witness:
                     nursery.start_soon(_witness, sock, secret, body, addr)
+                elif body["type"] == "handover" and handover is not None:
+                    nursery.start_soon(_handover, sock, secret, body, addr, handover)
 
 
 async def _witness(sock, secret: bytes, body: dict, addr) -> None:
@@ -271,6 +285,12 @@ async def _witness(sock, secret: bytes, body: dict, addr) -> None:
     await _reply(sock, secret, reply, addr)
 
 
+async def _handover(sock, secret: bytes, body: dict, addr, handler: Handler) -> None:
+    answer = await handler(body)
+    reply = {"type": "handover_ok", "vault": body["vault"], "nonce": body["nonce"], **answer}
+    await _reply(sock, secret, reply, addr)
+
+
 async def _reply(sock, secret: bytes, reply: dict, addr) -> None:
     try:
         await sock.sendto(encode(secret, reply), addr)
@@ -278,4 +298,5 @@ async def _reply(sock, secret: bytes, reply: dict, addr) -> None:
         log.debug("cannot answer %s: %s", addr[0], exc)
 
 
-__all__ = ["Alive", "HealthError", "Seen", "ask_witness", "decode", "encode", "probe", "serve_health"]
+__all__ = ["Alive", "HealthError", "Seen", "ask_witness", "decode", "encode", "probe", "request_handover",
+           "serve_health"]

@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -368,5 +369,82 @@ def test_witness_prevents_takeover_on_a_link_partition_and_allows_it_when_the_pr
                 with pytest.raises(OSError) as err:
                     (pair.mnt / "data" / "late").write_bytes(b"refused")
                 assert err.value.errno == errno.EROFS
+        finally:
+            pair.cleanup()
+
+
+def test_planned_failover_loses_no_write_and_the_old_primary_becomes_a_target(work: Path) -> None:
+    """done-means 4: `octofs failover` on a healthy pair while a writer keeps writing."""
+    require_netns()
+    with lan(["primary", "target"]) as hosts:
+        primary, target = hosts["primary"], hosts["target"]
+        pair = Pair(work, hosts, witness=False, vip=None)
+        # Symmetric layout: the primary's backing dir is ROOT/web of its own serve root, so that it
+        # can receive the vault back as a target.
+        p_root = work / "p" / "root"
+        p_root.mkdir()
+        pair.backing = p_root / "web"
+        pair.backing.mkdir()
+        doc = json.loads(pair.vault_yaml.read_text())
+        doc["backing"] = str(pair.backing)
+        pair.vault_yaml.write_text(json.dumps(doc))
+        entry = pair.serve_yaml["failover"][0]
+        entry["targets"] = [{"name": "back", "address": f"{primary.address}:7070"}]
+        entry["health"] = f"{target.address}:7072"
+        pair.serve_yaml["health"] = f"{target.address}:7071"
+        p_serve = {"root": str(p_root), "listen": "0.0.0.0:7070", "secret_file": str(pair.secret), "discovery": False}
+        try:
+            with serve(target, work, "target", pair.serve_yaml), serve(primary, work, "primary", p_serve), \
+                    primary_mount(primary, pair.vault_yaml, pair.mnt):
+                (pair.mnt / "data").mkdir()
+                for i in range(20):
+                    write_acked(pair.mnt, f"before{i}", os.urandom(3000))
+                written: dict[str, bytes] = {}
+                refused: list[int] = []
+
+                def writer() -> None:
+                    i = 0
+                    while True:
+                        data = os.urandom(500 + i)
+                        try:
+                            write_acked(pair.mnt, f"w{i:04d}", data)
+                        except OSError as exc:
+                            refused.append(exc.errno)
+                            return
+                        written[f"w{i:04d}"] = data
+                        i += 1
+
+                thread = threading.Thread(target=writer)
+                thread.start()
+                wait_until(lambda: len(written) >= 20, timeout=30, what="the writer under way")
+                proc = subprocess.run(netns_cmd(primary, *octofs_cmd("failover", "--become-target", str(p_root),
+                                                                      "--timeout", "30", str(pair.mnt))),
+                                      capture_output=True, text=True, timeout=120, env=env(), check=False)
+                thread.join(timeout=60)
+                assert proc.returncode == 0, proc.stdout + proc.stderr
+                assert "handed over" in proc.stdout and "epoch 2" in proc.stdout, proc.stdout
+                print(f"\nplanned failover: {len(written)} writes acknowledged by the old primary, then "
+                      f"{errno.errorcode.get(refused[0], refused[0]) if refused else 'nothing'}: {proc.stdout.strip()}")
+                assert refused and refused[0] in (errno.EROFS, errno.ENOENT, errno.ENOTCONN), refused
+                record = failover.load_record(pair.root, "web")
+                assert record is not None and record["state"] == "primary" and record["planned"], record
+                # Zero lost writes: every write the old primary acknowledged is on the new primary.
+                for name, data in written.items():
+                    assert (pair.takeover_mnt / "data" / name).read_bytes() == data, name
+                assert not is_octofs_mounted(pair.mnt)
+                # The old primary is a target now: it receives the new primary's changes, resuming after the
+                # handed-over seq (no Synchronize needed), and ends identical.
+                new_state = failover.primary_state_dir(pair.root, "web")
+                (pair.takeover_mnt / "data" / "on-the-new-primary").write_bytes(b"new " * 1000)
+                reply = control.request(paths.control_socket_path(new_state), "wait_synced", io_timeout_s=90,
+                                        timeout_s=60)
+                assert reply.get("synced"), reply
+                assert_trees_equal(pair.replica(), pair.backing)
+                new_status = primary_status(new_state)
+                [back] = new_status["targets"]
+                assert back["name"] == "back" and back["state"] == "connected", back
+                assert back["synchronize"] is None, back  # resumed, nothing compared
+                p_status = target_vault(p_root, "web")
+                assert p_status["epoch"] == 2 and p_status["durable_seq"] == new_status["journal"]["last_seq"]
         finally:
             pair.cleanup()
