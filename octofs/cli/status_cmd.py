@@ -34,6 +34,19 @@ def add_parser(sub) -> None:
                                                   "the vaults it receives, applied seq, last heartbeat")
 
 
+def _link(t: dict[str, Any]) -> str:
+    """TLS, compression (agreed, and the ratio so far) and the bandwidth limit of a target, in a few words."""
+    parts = ["TLS" if t.get("tls") else "plain"]
+    if t.get("compression"):
+        ratio = t.get("op_bytes_sent", 0) / t["bytes_sent"] if t.get("bytes_sent") else 0
+        parts.append(f"{t['compression']} {ratio:.1f}x" if ratio else t["compression"])
+    elif t.get("compress", "none") != "none":
+        parts.append(f"compress {t['compress']}")
+    if t.get("bandwidth_bps"):
+        parts.append(f"≤{t['bandwidth_bps'] / 2**20:g} MiB/s")
+    return ", ".join(parts)
+
+
 def target_status(root: str) -> dict[str, Any]:
     """The status document of the `octofs serve` running on ``root``."""
     from octofs.replica import control_socket_path
@@ -217,12 +230,13 @@ def run(args: argparse.Namespace) -> int:
     targets = [(v, t) for v in vaults for t in v.get("targets") or []]
     if targets:
         tt = Table(title="targets", title_justify="left")
-        for col in ("vault", "target", "address", "mode", "state", "acked seq", "pending ops", "lag s", "sent", "last error"):
+        for col in ("vault", "target", "address", "link", "mode", "state", "acked seq", "pending ops", "lag s", "sent",
+                    "last error"):
             tt.add_column(col, justify="right" if col in ("acked seq", "pending ops", "lag s", "sent") else "left",
                           overflow="fold")
         for v, t in targets:
             mode = t["mode"] if t.get("sync_state") != "degraded" else "sync, DEGRADED to async"
-            tt.add_row(str(v.get("vault")), t["name"], t["address"], mode, t["state"], str(t["acked_seq"]),
+            tt.add_row(str(v.get("vault")), t["name"], t["address"], _link(t), mode, t["state"], str(t["acked_seq"]),
                        str(t["pending_ops"]), f"{t['lag_s']:.1f}", f"{t['bytes_sent']:,} B",
                        t.get("degraded_reason") or t.get("last_error") or "")
         console.print(tt)

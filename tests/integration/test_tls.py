@@ -22,7 +22,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.daemons import Serve, mounted, run_octofs, wait_until, write_vault_yaml
+from tests.support.daemons import (
+    Serve,
+    mounted,
+    run_octofs,
+    wait_until,
+    write_vault_yaml,
+)
 from tests.support.netns import lan, require_netns
 from tests.support.trees import assert_trees_equal
 from tests.support.wan import capture, primary_mount, serve_in

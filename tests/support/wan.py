@@ -125,9 +125,16 @@ def shape_rate(host: Host, rate: str) -> None:
 def drop_randomly(host: Host, percent: int) -> None:
     """nftables in ``host``'s namespace drops ``percent`` % of its outgoing packets on eth0, at random."""
     rules = ("table inet octofs_loss {\n chain out {\n  type filter hook output priority 0; policy accept;\n"
-             f"  oifname \"eth0\" numgen random mod 100 < {percent} drop\n }}\n}}\n")
+             f"  oifname \"eth0\" numgen random mod 100 < {percent} counter drop\n }}\n}}\n")
     subprocess.run(["ip", "netns", "exec", host.ns, "nft", "-f", "-"], input=rules.encode(), check=True,
                    capture_output=True, timeout=30)
+
+
+def dropped_packets(host: Host) -> int:
+    """How many packets ``drop_randomly`` has dropped in ``host`` so far."""
+    out = subprocess.run(["ip", "netns", "exec", host.ns, "nft", "list", "table", "inet", "octofs_loss"],
+                         check=True, capture_output=True, text=True, timeout=30).stdout
+    return int(out.split("counter packets ")[1].split()[0])
 
 
 DELAY_PROXY = r"""
@@ -199,6 +206,8 @@ def delay_proxy(host: Host, listen: tuple[str, int], upstream: tuple[str, int], 
         yield
     finally:
         _stop(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def sample(fn, *, until, interval: float = 0.1, timeout: float = 300) -> list[tuple[float, object]]:
