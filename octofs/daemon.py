@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -214,8 +215,9 @@ class PrimaryDaemon:
                 if cfg.metrics is not None:  # the same document as `status --json` (docs/METRICS.md)
                     self.metrics_address = await nursery.start(serve_metrics, *cfg.metrics, lambda: self._status({}))
                 if cfg.health is not None:  # failover: what a target's direct query asks (docs/FORMAT.md §11)
-                    await nursery.start(serve_health, *cfg.health, self._secret(), fencing.primary_lookup(
-                        cfg.vault, self.recorder, state.read_epoch(self.state_dir)))
+                    await nursery.start(functools.partial(serve_health, failback=self._give_back), *cfg.health,
+                                        self._secret(), fencing.primary_lookup(
+                                            cfg.vault, self.recorder, state.read_epoch(self.state_dir)))
                 for shipper in self.shippers:
                     nursery.start_soon(shipper.run)
                 nursery.start_soon(self._janitor)
@@ -250,6 +252,14 @@ class PrimaryDaemon:
         origin = "empty" if fresh and not os.listdir(self.cfg.backing) else "existing"
         state.write_atomic(path, origin.encode() + b"\n")
         return origin
+
+    async def _give_back(self, body: dict) -> dict:
+        """``octofs failback`` from the old primary (a health request): hand the vault back to it."""
+        assert self.recorder is not None
+        return await fencing.give_back(
+            vault=self.cfg.vault, state_dir=self.state_dir, recorder=self.recorder, shippers=self.shippers,
+            secret=self._secret(), epoch=state.read_epoch(self.state_dir), backing=self.cfg.backing, body=body,
+            unmount=terminate)
 
     async def _failover(self, request: dict) -> dict:
         """A planned switch to a target (``octofs failover``; fencing.hand_over)."""

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import sys
 import time
 from dataclasses import dataclass
@@ -41,7 +42,8 @@ from pathlib import Path
 
 import trio
 
-from octofs import health, paths, state
+from octofs import apply, health, paths, state
+from octofs.control import ControlRequestError
 from octofs.replayer import TargetServer
 from octofs.replica import Replica, vault_state_dir
 from octofs.segment import header_bytes
@@ -231,6 +233,24 @@ class Watcher:
         return {"accepted": record["state"] == "primary", "epoch": record["epoch"],
                 "reason": f"taken over: {record['state']}"}
 
+    async def reclaim(self, epoch: object, seq: object) -> dict:
+        """The way back: the new primary this target became has handed the vault over (``failback``) at
+        ``seq``, and another machine is the primary at ``epoch`` now. The replica dir (the mount's backing
+        dir, every op up to ``seq`` in it) becomes a replica again at that seq, so the new primary resumes
+        streaming here without a Synchronize."""
+        w = self.w
+        if type(epoch) is not int or type(seq) is not int:
+            raise ValueError("bad epoch or seq")
+        if self.record is None:
+            raise ValueError(f"vault {w.vault} was not taken over here")
+        record = self.record
+        await trio.to_thread.run_sync(_reclaim_files, self.root, w.vault, epoch, seq, record)
+        self.server.unrelease(w.vault)
+        self.record = None
+        self._set("handed back", f"a replica again at seq {seq}; the primary is at epoch {epoch} now")
+        log.warning("vault %s: handed back at seq %d; this target receives it again (epoch %d)", w.vault, seq, epoch)
+        return {"vault": w.vault, "seq": seq, "epoch": epoch}
+
     async def take_over(self, reason: str, detection_s: float, planned: list | None = None) -> dict:
         """Release the replica, mount it as the new primary, run the hooks (see the module docstring)."""
         w = self.w
@@ -357,6 +377,23 @@ class Watcher:
         return result
 
 
+def _reclaim_files(root: Path, vault: str, epoch: int, seq: int, record: dict) -> None:
+    """Target state of a replica at ``seq`` (the data made durable first), the takeover record kept as history."""
+    sdir = vault_state_dir(root, vault)
+    fd = os.open(root / vault, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        apply.barrier(fd)  # everything the mount wrote is on disk before `position` names it
+    finally:
+        os.close(fd)
+    state.write_atomic(sdir / "epoch", f"{epoch}\n".encode(), 0o600)
+    state.write_atomic(sdir / "position", struct.pack("<QQ", seq, seq), 0o600)
+    (sdir / "progress").unlink(missing_ok=True)  # position is the truth now
+    (sdir / "needs_resync").unlink(missing_ok=True)
+    (sdir / "syncing").unlink(missing_ok=True)
+    state.write_atomic(sdir / "synced", b"handed-back\n", 0o600)
+    os.replace(takeover_path(root, vault), sdir / f"takeover-epoch-{record.get('epoch')}.json")
+
+
 def _why_not(replica: Replica | None) -> str | None:
     """Why this replica must not become the primary, or None."""
     if replica is None:
@@ -374,6 +411,17 @@ async def serve_failover(server: TargetServer, watches: list[Watch], secret: byt
                          health_address: tuple[str, int] | None) -> None:
     """Run a Watcher per vault and, if configured, the health responder (witness, planned handover) until cancelled."""
     watchers = {watch.vault: Watcher(server, watch, secret, secret_file) for watch in watches}
+
+    async def reclaim(request: dict) -> dict:
+        watcher = watchers.get(str(request.get("vault")))
+        if watcher is None:
+            raise ControlRequestError(f"no failover entry for vault {request.get('vault')!r}")
+        try:
+            return await watcher.reclaim(request.get("epoch"), request.get("seq"))
+        except ValueError as exc:
+            raise ControlRequestError(str(exc)) from None
+
+    server.control_handlers["reclaim"] = reclaim
 
     async def handover(body: dict) -> dict:
         watcher = watchers.get(body["vault"])

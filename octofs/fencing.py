@@ -23,6 +23,8 @@ from pathlib import Path
 import trio
 
 from octofs import health, replica, state
+from octofs.control import request
+from octofs.errors import OctofsError
 from octofs.health import Alive
 from octofs.recorder import Recorder
 
@@ -180,4 +182,43 @@ async def hand_over(*, vault: str, state_dir: Path, recorder: Recorder, shippers
     return {"accepted": True, "seq": seq, "epoch": new_epoch, "target": sh.name}
 
 
-__all__ = ["clear", "fence", "fenced_path", "hand_over", "load", "primary_lookup"]
+async def give_back(*, vault: str, state_dir: Path, recorder: Recorder, shippers: list, secret: bytes, epoch: int,
+                    backing: Path, body: dict, unmount) -> dict:
+    """The primary's side of ``octofs failback`` (a ``failback`` health request from the old primary).
+
+    The old primary, a target of ours now and caught up, asks for the vault back: a planned switch
+    to it (``hand_over``). When this mount is itself a takeover by ``octofs serve`` (its backing dir is
+    ``ROOT/VAULT`` with a takeover record), that serve is told to ``reclaim`` the replica dir at the
+    handed-over seq, so it becomes a target again; then this mount unmounts itself (after the answer).
+    """
+    to = body.get("to")
+    try:
+        host, _, port = str(to).rpartition(":")
+        address = (host.strip("[]"), int(port))
+    except ValueError:
+        return {"accepted": False, "reason": f"bad 'to' address {to!r}"}
+    chosen = [sh for sh in shippers if sh.host == address[0]]
+    if len(chosen) != 1:
+        return {"accepted": False, "reason": f"vault {vault} has no (single) target on host {address[0]}"}
+    sh = chosen[0]
+    if sh.acked_seq != body.get("seq") and sh.acked_seq < recorder.writer.last_seq:
+        log.info("failback of vault %s to %s: it is at seq %s, the journal at %d; draining first", vault, sh.name,
+                 body.get("seq"), recorder.writer.last_seq)
+    result = await hand_over(vault=vault, state_dir=state_dir, recorder=recorder, shippers=shippers, secret=secret,
+                             epoch=epoch, target=sh.name, to=address, timeout_s=60.0)
+    if not result.get("accepted"):
+        return {k: v for k, v in result.items() if k in ("accepted", "reason", "seq", "epoch")}
+    root = Path(backing).parent
+    if Path(backing).name == vault and (replica.vault_state_dir(root, vault) / "takeover.json").exists():
+        try:
+            await trio.to_thread.run_sync(lambda: request(replica.control_socket_path(root), "reclaim", vault=vault,
+                                                          epoch=result["epoch"], seq=result["seq"]))
+        except OctofsError as exc:
+            log.error("vault %s handed back, but the local octofs serve could not reclaim its replica dir: %s",
+                      vault, exc.message)
+    log.warning("vault %s handed back to %s at seq %d (epoch %s): unmounting", vault, sh.name, result["seq"],
+                result["epoch"])
+    return {"accepted": True, "seq": result["seq"], "epoch": result["epoch"], "_after": unmount}
+
+
+__all__ = ["clear", "fence", "fenced_path", "give_back", "hand_over", "load", "primary_lookup"]

@@ -43,8 +43,8 @@ NONCE_BYTES = 16
 MAX_DATAGRAM_BYTES = 2048
 DEFAULT_PORT = 7071
 _MAC_PREFIX = b"octofs-health-v1|"
-REQUEST_TYPES = ("probe", "see", "handover")
-ANSWER_TYPES = {"probe": "alive", "see": "seen", "handover": "handover_ok"}
+REQUEST_TYPES = ("probe", "see", "handover", "failback")
+ANSWER_TYPES = {"probe": "alive", "see": "seen", "handover": "handover_ok", "failback": "failback_ok"}
 
 
 class HealthError(Exception):
@@ -211,6 +211,15 @@ async def request_handover(target: tuple[str, int], vault: str, secret: bytes, *
     return await _exchange(target, secret, body, timeout_s)
 
 
+async def request_failback(primary: tuple[str, int], vault: str, secret: bytes, *, epoch: int, seq: int,
+                           to: str, timeout_s: float) -> dict | None:
+    """Ask the primary of ``vault`` (its mount daemon's responder) to hand the vault over to the target whose
+    health responder is ``to`` ("HOST:PORT"), which holds everything up to ``seq`` of ``epoch`` (``octofs failback``)."""
+    body = {"type": "failback", "vault": vault, "nonce": secrets.token_bytes(NONCE_BYTES), "epoch": epoch,
+            "seq": seq, "to": to}
+    return await _exchange(primary, secret, body, timeout_s)
+
+
 # -- the responder ------------------------------------------------------------------------
 
 Lookup = Callable[[str], Alive | None]
@@ -218,13 +227,14 @@ Handler = Callable[[dict], Awaitable[dict]]
 
 
 async def serve_health(host: str, port: int, secret: bytes, lookup: Lookup, *, witness: bool = False,
-                       handover: Handler | None = None, task_status: trio.TaskStatus[tuple[str, int] | None] = trio.TASK_STATUS_IGNORED) -> None:
+                       handover: Handler | None = None, failback: Handler | None = None, task_status: trio.TaskStatus[tuple[str, int] | None] = trio.TASK_STATUS_IGNORED) -> None:
     """Answer authenticated health requests on UDP ``host:port`` until cancelled.
 
     Args:
         lookup: vault name → what to answer to ``probe`` (None: do not answer for it).
         witness: also answer ``see`` (probe the named primary, say whether it answered).
         handover: answer ``handover`` with what this returns (failover.py: a planned takeover).
+        failback: answer ``failback`` with what this returns (the mount daemon: hand the vault back).
 
     Returns (through ``task_status.started``): the bound address, or None when the
     port could not be bound (then this returns at once, after a WARNING).
@@ -266,6 +276,8 @@ async def serve_health(host: str, port: int, secret: bytes, lookup: Lookup, *, w
                     nursery.start_soon(_witness, sock, secret, body, addr)
                 elif body["type"] == "handover" and handover is not None:
                     nursery.start_soon(_handover, sock, secret, body, addr, handover)
+                elif body["type"] == "failback" and failback is not None:
+                    nursery.start_soon(_handover, sock, secret, body, addr, failback)
 
 
 async def _witness(sock, secret: bytes, body: dict, addr) -> None:
@@ -287,8 +299,11 @@ async def _witness(sock, secret: bytes, body: dict, addr) -> None:
 
 async def _handover(sock, secret: bytes, body: dict, addr, handler: Handler) -> None:
     answer = await handler(body)
-    reply = {"type": "handover_ok", "vault": body["vault"], "nonce": body["nonce"], **answer}
+    after = answer.pop("_after", None)  # to run once the answer is sent (the mount unmounting itself)
+    reply = {"type": ANSWER_TYPES[body["type"]], "vault": body["vault"], "nonce": body["nonce"], **answer}
     await _reply(sock, secret, reply, addr)
+    if after is not None:
+        after()
 
 
 async def _reply(sock, secret: bytes, reply: dict, addr) -> None:
@@ -298,5 +313,5 @@ async def _reply(sock, secret: bytes, reply: dict, addr) -> None:
         log.debug("cannot answer %s: %s", addr[0], exc)
 
 
-__all__ = ["Alive", "HealthError", "Seen", "ask_witness", "decode", "encode", "probe", "request_handover",
-           "serve_health"]
+__all__ = ["Alive", "HealthError", "Seen", "ask_witness", "decode", "encode", "probe", "request_failback",
+           "request_handover", "serve_health"]

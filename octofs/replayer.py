@@ -138,6 +138,7 @@ class TargetServer:
         self._slots: dict[str, _VaultSlot] = {}
         # Failover (failover.py): vault name -> extra status fields (monitor state, takeover record).
         self.status_extra: dict[str, dict] = {}
+        self.control_handlers: dict = {}
         self.freezer = Freezer(self._slots.get, lambda: sorted(self._slots))
 
     # -- lifetime ----------------------------------------------------------
@@ -256,6 +257,14 @@ class TargetServer:
             log.warning("vault %s released for takeover at epoch %d (durable seq %d): %s", vault, epoch,
                         replica.durable_seq, reason)
             return replica, epoch
+
+    def unrelease(self, vault: str) -> None:
+        """After a handover back (failover.py ``reclaim``): the vault is a replica again, opened at the next connection."""
+        slot = self._slots.get(vault)
+        if slot is not None:
+            slot.released_epoch = None
+            slot.replica = None
+            slot.last_heartbeat = None
 
     # -- one connection --------------------------------------------------------
 
@@ -490,8 +499,9 @@ async def serve_target(
                 log.warning("running as uid %d, not root: file owners are not reproduced on this target",
                             os.geteuid())
             async with trio.open_nursery() as nursery:
-                await nursery.start(serve_control, control_socket_path(root),
-                                    {"status": server.status, **server.freezer.handlers()})
+                handlers = {"status": server.status, **server.freezer.handlers()}
+                server.control_handlers = handlers  # live: failover.py adds `reclaim`
+                await nursery.start(serve_control, control_socket_path(root), handlers)
                 nursery.start_soon(server.freezer.run)  # a freeze's maximum duration
                 await nursery.start(trio.serve_listeners, server.handle, listeners)
                 if with_server is not None:  # failover.py's watchers and health responder

@@ -15,7 +15,7 @@ from octofs.cli import common
 
 # Command modules, in --help order. Each is imported lazily by name so that a
 # command that needs pyfuse3 does not make `octofs status` depend on it.
-COMMANDS = ("mount_cmd", "umount_cmd", "serve_cmd", "status_cmd", "sync_cmd", "failover_cmd", "forward_cmd", "check_cmd", "discover_cmd",
+COMMANDS = ("mount_cmd", "umount_cmd", "serve_cmd", "status_cmd", "sync_cmd", "failover_cmd", "failback_cmd", "forward_cmd", "check_cmd", "discover_cmd",
             "keygen_cmd", "freeze_cmd", "snapshot_cmd", "debug_cmd")
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import pytest
 
 from octofs import control, failover, paths
+from octofs.errors import OctofsError
 from octofs.replica import control_socket_path
 from tests.support.daemons import REPO, octofs_cmd, run_octofs, wait_until
 from tests.support.fuse import is_octofs_mounted, unmount, wait_for_ready
@@ -185,8 +186,9 @@ class Pair:
             for line in self.http_pids.read_text().split():
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(line), signal.SIGKILL)
-        if is_octofs_mounted(self.takeover_mnt):
-            run_octofs("umount", str(self.takeover_mnt))
+        for mnt in (self.takeover_mnt, self.mnt):  # mounts made by a takeover (octofs serve)
+            if is_octofs_mounted(mnt):
+                run_octofs("umount", str(mnt))
 
     def start_http_on_primary(self) -> subprocess.Popen:
         primary = self.hosts["primary"]
@@ -446,5 +448,100 @@ def test_planned_failover_loses_no_write_and_the_old_primary_becomes_a_target(wo
                 assert back["synchronize"] is None, back  # resumed, nothing compared
                 p_status = target_vault(p_root, "web")
                 assert p_status["epoch"] == 2 and p_status["durable_seq"] == new_status["journal"]["last_seq"]
+        finally:
+            pair.cleanup()
+
+
+def test_failback_sends_only_what_changed_and_switches_back(work: Path) -> None:
+    """done-means 2: after a takeover, `octofs failback` brings the fenced old primary up to date (only the
+    changed blocks cross the wire), the roles switch back, and both trees end identical."""
+    require_netns()
+    with lan(["primary", "target"]) as hosts:
+        primary, target = hosts["primary"], hosts["target"]
+        pair = Pair(work, hosts, witness=False, vip=None)
+        p_root = work / "p" / "root"
+        p_root.mkdir()
+        pair.backing = p_root / "web"
+        pair.backing.mkdir()
+        doc = json.loads(pair.vault_yaml.read_text())
+        doc["backing"] = str(pair.backing)
+        pair.vault_yaml.write_text(json.dumps(doc))
+        entry = pair.serve_yaml["failover"][0]
+        entry["targets"] = [{"name": "back", "address": f"{primary.address}:7070"}]
+        entry["health"] = f"{target.address}:7072"
+        # The old primary's own serve, for the way back: it takes the vault over again on request.
+        p_serve = {"root": str(p_root), "listen": "0.0.0.0:7070", "secret_file": str(pair.secret), "discovery": False,
+                   "health": f"{primary.address}:7073",
+                   "failover": [{"vault": "web", "heartbeat": f"{HEARTBEAT_S}s", "primary": f"{target.address}:7072",
+                                 "mount": str(pair.mnt), "health": f"{primary.address}:7071",
+                                 "targets": [{"name": "t", "address": f"{target.address}:7070"}]}]}
+        vault_bytes = 0
+        try:
+            with serve(target, work, "target", pair.serve_yaml):
+                with primary_mount(primary, pair.vault_yaml, pair.mnt) as mount_proc:
+                    (pair.mnt / "data").mkdir()
+                    for i in range(8):
+                        write_acked(pair.mnt, f"big{i}", os.urandom(1 << 20))
+                        vault_bytes += 1 << 20
+                    mount_proc.kill()
+                    subprocess.run(["ip", "-n", primary.ns, "link", "set", "eth0", "down"], check=True)
+                    mount_proc.wait(timeout=10)
+                    record = pair.wait_takeover(timeout=30)
+                    assert record["state"] == "primary", record
+                # During the outage: one 4 KiB block changed, one small file added, on the new primary.
+                with open(pair.takeover_mnt / "data" / "big3", "r+b") as f:
+                    f.seek(12288)
+                    f.write(b"O" * 4096)
+                    os.fsync(f.fileno())
+                (pair.takeover_mnt / "data" / "outage").write_bytes(b"written during the outage\n")
+                subprocess.run(["ip", "-n", primary.ns, "link", "set", "eth0", "up"], check=True)
+                with primary_mount(primary, pair.vault_yaml, pair.mnt):
+                    wait_until(lambda: primary_status(pair.state_dir)["fenced"], timeout=30, what="fenced")
+                    with serve(primary, work, "primary", p_serve):
+                        new_state = failover.primary_state_dir(pair.root, "web")
+                        bytes_seen: list[int] = []
+
+                        def back_synchronized() -> bool:
+                            with contextlib.suppress(OSError, OctofsError):  # its daemon ends after the handover
+                                [back] = primary_status(new_state)["targets"]
+                                bytes_seen.append(back["bytes_sent"])
+                                return back["consistent"] is True
+                            return False
+
+                        proc = subprocess.Popen(
+                            netns_cmd(primary, *octofs_cmd("failback", str(pair.vault_yaml), "--root", str(p_root),
+                                                           "--from", f"{target.address}:7072",
+                                                           "--to", f"{primary.address}:7073", "--timeout", "120")),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+                        try:
+                            wait_until(back_synchronized, timeout=120, what="the old primary synchronized")
+                            out, err = proc.communicate(timeout=180)
+                        finally:
+                            if proc.poll() is None:
+                                proc.kill()
+                                proc.wait()
+                        assert proc.returncode == 0, out + err
+                        sent = bytes_seen[-1]
+                        print(f"\nfailback: vault {vault_bytes:,} bytes, Synchronize sent {sent:,} bytes to the old "
+                              f"primary; {out.strip()}")
+                        assert sent < vault_bytes // 20, sent  # what changed (one block, one file), not the vault
+                        # Roles switched back: the old primary's serve took over at epoch 3 and mounted the vault.
+                        back_record = failover.load_record(p_root, "web")
+                        assert back_record is not None and back_record["state"] == "primary", back_record
+                        assert back_record["epoch"] == 3
+                        wait_until(lambda: not is_octofs_mounted(pair.takeover_mnt), timeout=30,
+                                   what="the other machine's mount gone")
+                        t_status = target_vault(pair.root, "web")
+                        assert t_status["role"] == "target" and "takeover" not in t_status, t_status
+                        # The primary again: changes stream to the other machine, which ends identical.
+                        p_state = failover.primary_state_dir(p_root, "web")
+                        (pair.mnt / "data" / "after-failback").write_bytes(b"primary again\n")
+                        reply = control.request(paths.control_socket_path(p_state), "wait_synced", io_timeout_s=90,
+                                                timeout_s=60)
+                        assert reply.get("synced"), (reply, primary_status(p_state)["targets"])
+                        assert (pair.mnt / "data" / "outage").read_bytes() == b"written during the outage\n"
+                        assert_trees_equal(pair.backing, pair.replica())
+                        assert target_vault(pair.root, "web")["epoch"] == 3
+                        run_octofs("umount", str(pair.mnt))
         finally:
             pair.cleanup()
