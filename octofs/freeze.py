@@ -175,14 +175,15 @@ class FreezeGate:
                 continue
             if isinstance(msg, protocol.Heartbeat):
                 self.primary_last_seq = max(self.primary_last_seq or 0, msg.last_seq)
-            if isinstance(msg, HOLDABLE):
-                if self.holding:
-                    self._held.append(msg)
-                    self._held_bytes += _frame_bytes(msg)
-                    self._note_received(msg)
-                    continue
-                self._prev = msg
-                self._set_busy(True)
+            if isinstance(msg, HOLDABLE) and self.holding:
+                self._held.append(msg)
+                self._held_bytes += _frame_bytes(msg)
+                self._note_received(msg)
+                continue
+            # Busy with any frame, not only the holdable ones: answering a heartbeat may make applied
+            # ops durable, which must not run beside a freeze's own make-durable.
+            self._prev = msg
+            self._set_busy(True)
             return msg
 
     def _note_received(self, msg: object) -> None:

@@ -433,6 +433,10 @@ class TargetServer:
                     await _send(stream, protocol.Ack(acked))
             elif isinstance(msg, protocol.Heartbeat):
                 slot.last_heartbeat = trio.current_time()
+                if replica.applied_seq > replica.durable_seq and replica.needs_resync is None:
+                    # A batch whose make-durable was put off because this heartbeat was already waiting
+                    # (_more_waiting) must not stay unacked until the next batch, which may never come.
+                    await _make_durable(replica)
                 acked = replica.durable_seq
                 await _send(stream, protocol.Ack(acked))
             elif isinstance(msg, protocol.Error):

@@ -240,3 +240,13 @@ async def test_held_frames_over_the_budget_stop_reading(server: TargetServer,
         await ctl(server, "thaw", vault="v")
         assert await p.wait_ack(34) == 34
         assert (server.root / "v/after").is_file()
+
+
+async def test_a_heartbeat_right_behind_a_batch_acks_that_batch(server: TargetServer) -> None:
+    """After a thaw the held batches and a heartbeat often arrive together: the batch's make-durable is
+    put off (more input is waiting), and the heartbeat's Ack must still cover it."""
+    with trio.fail_after(10):
+        p, _ = await connect(server)
+        batch = protocol.encode(protocol.OpBatch(tuple(codec.encode_record(r) for r in file_ops(1, 3))))
+        await p.stream.send_all(batch + protocol.encode(protocol.Heartbeat(0, 3)))  # one segment
+        assert await p.wait_ack(3) == 3
