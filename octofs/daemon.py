@@ -159,7 +159,7 @@ class PrimaryDaemon:
                 on_fenced=lambda message: fencing.fence(self.state_dir, self.recorder, message),
             ))
         reason = state.needs_resync(self.state_dir)
-        if reason is not None:
+        if reason is not None and self.shippers:
             # The journal lost an op (failsafe): every target is synchronized (persisted first,
             # then the mark can go).
             for sh in self.shippers:
@@ -218,6 +218,12 @@ class PrimaryDaemon:
                     await nursery.start(functools.partial(serve_health, failback=self._give_back), *cfg.health,
                                         self._secret(), fencing.primary_lookup(
                                             cfg.vault, self.recorder, state.read_epoch(self.state_dir)))
+                if cfg.health is not None and self.shippers and self.recorder.fenced is None:
+                    # Failover: a primary coming back must not take changes its targets would refuse
+                    # (another machine may have taken over): they wait for the first contact.
+                    self.recorder.pause()
+                    nursery.start_soon(fencing.hold_until_first_contact, self.recorder, self.shippers,
+                                       2 * cfg.heartbeat_s)
                 for shipper in self.shippers:
                     nursery.start_soon(shipper.run)
                 nursery.start_soon(self._janitor)

@@ -423,7 +423,8 @@ class TargetServer:
                 since_durable_bytes += batch_bytes
                 slot.op_bytes_received += batch_bytes
                 now = trio.current_time()
-                if (not _more_waiting(stream, decoder) or since_durable_bytes >= DURABLE_EVERY_BYTES
+                waiting = slot.freeze.held_frames > 0 or _more_waiting(stream, decoder)  # frames held by a freeze too
+                if (not waiting or since_durable_bytes >= DURABLE_EVERY_BYTES
                         or now - last_durable >= DURABLE_EVERY_S):
                     await _make_durable(replica)
                     since_durable_bytes = 0
