@@ -417,9 +417,11 @@ async def serve_failover(server: TargetServer, watches: list[Watch], secret: byt
         if watcher is None:
             raise ControlRequestError(f"no failover entry for vault {request.get('vault')!r}")
         try:
-            return await watcher.reclaim(request.get("epoch"), request.get("seq"))
+            reply = await watcher.reclaim(request.get("epoch"), request.get("seq"))
         except ValueError as exc:
             raise ControlRequestError(str(exc)) from None
+        running[0].start_soon(watcher.run)  # watching the primary again (it is the other machine now)
+        return reply
 
     server.control_handlers["reclaim"] = reclaim
 
@@ -438,7 +440,10 @@ async def serve_failover(server: TargetServer, watches: list[Watch], secret: byt
             return None
         return health.Alive(vault, "target", replica.epoch, replica.durable_seq)
 
+    running: list = []
     async with trio.open_nursery() as nursery:
+        running.append(nursery)
+        nursery.start_soon(trio.sleep_forever)  # open for watchers re-armed by `reclaim` after the others end
         if health_address is not None:
             await nursery.start(lambda task_status: health.serve_health(
                 *health_address, secret, lookup, witness=True, handover=handover, task_status=task_status))

@@ -182,6 +182,24 @@ async def hand_over(*, vault: str, state_dir: Path, recorder: Recorder, shippers
     return {"accepted": True, "seq": seq, "epoch": new_epoch, "target": sh.name}
 
 
+async def hold_until_first_contact(recorder: Recorder, shippers: list, timeout_s: float) -> None:
+    """Resume changes (held by ``recorder.pause()`` at mount) once every target has welcomed this primary
+    at its epoch or refused it (then it is fenced and changes fail with EROFS), or after ``timeout_s``.
+
+    Without this, an old primary that comes back after a takeover would accept changes in the
+    moments before its shipper learns of the higher epoch: changes the new primary never sees.
+    """
+    try:
+        with trio.move_on_after(timeout_s) as scope:
+            while not all(sh.fenced or sh.state == "connected" for sh in shippers):
+                await trio.sleep(0.02)  # shippers have no event for "first contact"; this runs once per mount
+        if scope.cancelled_caught:
+            log.warning("no contact with every target within %g s of mounting: changes go ahead (%s)", timeout_s,
+                        ", ".join(f"{sh.name}: {sh.last_error or sh.state}" for sh in shippers))
+    finally:
+        recorder.resume()
+
+
 async def give_back(*, vault: str, state_dir: Path, recorder: Recorder, shippers: list, secret: bytes, epoch: int,
                     backing: Path, body: dict, unmount) -> dict:
     """The primary's side of ``octofs failback`` (a ``failback`` health request from the old primary).
@@ -221,4 +239,5 @@ async def give_back(*, vault: str, state_dir: Path, recorder: Recorder, shippers
     return {"accepted": True, "seq": result["seq"], "epoch": result["epoch"], "_after": unmount}
 
 
-__all__ = ["clear", "fence", "fenced_path", "give_back", "hand_over", "load", "primary_lookup"]
+__all__ = ["clear", "fence", "fenced_path", "give_back", "hand_over", "hold_until_first_contact", "load",
+           "primary_lookup"]
