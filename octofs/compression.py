@@ -22,6 +22,9 @@ ZSTD_LEVEL = 3
 AUTO_MIN_SAVING = 0.10  # auto compresses while batches shrink by at least this much
 AUTO_RETRY_EVERY = 32  # after an incompressible batch, test again every this many batches
 MIN_BYTES = 512  # smaller batches are not worth a codec round trip
+# auto compresses only while the target lags at least this much (the link, not the primary, is the
+# bottleneck); the shipper checks it (shipper.py _op_frame).
+AUTO_LAG_S = 0.25
 
 
 class BatchCompressor:

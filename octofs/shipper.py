@@ -595,7 +595,7 @@ class Shipper:
                 # Nothing readable yet (cannot normally happen after wait_durable); do not spin.
                 await trio.sleep(0.01)
                 continue
-            frame = self._op_frame(batch, size)
+            frame = await self._op_frame(batch, size)
             if self._bucket is not None:  # bandwidth: (bytes/s)
                 await self._bucket.take(len(frame))
             async with send_lock:
@@ -606,11 +606,22 @@ class Shipper:
             self._inflight_bytes += len(frame)
             next_seq = last_seq + 1
 
-    def _op_frame(self, batch: list[bytes], size: int) -> bytes:
-        """An `ops` frame, or a `zops` frame when compression is agreed and pays (FORMAT §7.13)."""
+    async def _op_frame(self, batch: list[bytes], size: int) -> bytes:
+        """An `ops` frame, or a `zops` frame when compression is agreed and pays (FORMAT §7.13).
+
+        ``auto`` compresses only while the link is the bottleneck: the oldest op the target has
+        not acked is ``compression.AUTO_LAG_S`` old or more, or a bandwidth limit is set. On a
+        fast link the target keeps up and batches go out plain, at no CPU cost. (The lag, not
+        the bytes in flight: compressed frames are small, so a byte count would switch itself off.)
+        """
         self.op_bytes_sent += size
-        if self._compressor is not None and self.compression is not None:
-            data = self._compressor.compress(protocol.pack_records(batch))
+        comp = self._compressor
+        if comp is not None and self.compression is not None and (
+                comp.mode == "zstd" or self._bucket is not None
+                or self._recorder.age_of(self.acked_seq + 1) >= compression.AUTO_LAG_S):
+            # zstandard releases the GIL: compress in a worker thread, never in the loop that
+            # also serves the mount's FUSE requests (STYLE §6.5).
+            data = await trio.to_thread.run_sync(comp.compress, protocol.pack_records(batch))
             if data is not None:
                 return protocol.encode_zops(self.compression, data)
         return protocol.encode(protocol.OpBatch(tuple(batch)))

@@ -674,7 +674,16 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, help="where to put everything (default: a new temp dir, removed)")
     ap.add_argument("--keep", action="store_true", help="keep the workdir (logs, journal) afterwards")
     ap.add_argument("--no-fio", action="store_true", help="use the Python workloads even if fio is installed")
+    ap.add_argument("--wan", action="store_true",
+                    help="instead: replication over shaped links in network namespaces (compress, bandwidth, "
+                         "delay + loss; scripts/bench_wan.py)")
     args = ap.parse_args()
+    if args.wan:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_wan import run_wan
+
+        return run_wan(Console(stderr=args.json), quick=args.quick, as_json=args.json, workdir=args.workdir,
+                       keep=args.keep)
     global FIO
     FIO = None if args.no_fio else shutil.which("fio")
     console = Console(stderr=args.json)

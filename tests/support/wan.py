@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -123,7 +124,14 @@ def shape_rate(host: Host, rate: str) -> None:
 
 
 def drop_randomly(host: Host, percent: int) -> None:
-    """nftables in ``host``'s namespace drops ``percent`` % of its outgoing packets on eth0, at random."""
+    """nftables in ``host``'s namespace drops ``percent`` % of its outgoing packets on eth0, at random.
+
+    GSO is turned off on eth0 first, so a "packet" is one MTU-sized segment as on a real wire
+    (a veth otherwise passes 64 KiB super-packets, and 1 % of those would be a handful).
+    """
+    for setting in (("gso_max_size", "1500"), ("gso_max_segs", "1")):
+        subprocess.run(["ip", "-n", host.ns, "link", "set", "eth0", *setting], check=True, capture_output=True,
+                       timeout=30)
     rules = ("table inet octofs_loss {\n chain out {\n  type filter hook output priority 0; policy accept;\n"
              f"  oifname \"eth0\" numgen random mod 100 < {percent} counter drop\n }}\n}}\n")
     subprocess.run(["ip", "netns", "exec", host.ns, "nft", "-f", "-"], input=rules.encode(), check=True,
@@ -221,3 +229,17 @@ def sample(fn, *, until, interval: float = 0.1, timeout: float = 300) -> list[tu
             return out
         assert time.monotonic() < deadline, f"timed out sampling; last {value!r}"
         time.sleep(interval)
+
+
+def compressible(size: int, seed: int) -> bytes:
+    """Log-like text: compresses about 5-10x with zstd level 1, like real logs or SQL dumps."""
+    rng = random.Random(seed)
+    words = [b"GET", b"POST", b"/api/v1/orders", b"/static/app.js", b"200", b"404", b"user=", b"session="]
+    out = bytearray()
+    n = 0
+    while len(out) < size:
+        n += 1
+        out += b"2026-11-24T12:%02d:%02d.%06dZ host%d " % (n // 3600 % 60, n // 60 % 60, rng.randrange(10**6),
+                                                         rng.randrange(8))
+        out += b" ".join(rng.choice(words) for _ in range(6)) + b" %d\n" % rng.randrange(10**5)
+    return bytes(out[:size])

@@ -3,6 +3,7 @@ the compression policy and the bandwidth token bucket."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -110,3 +111,52 @@ async def test_token_bucket_holds_the_rate(autojump_clock) -> None:
     elapsed = trio.current_time() - start
     # 10 MB at 1 MB/s, less the initial burst: 9.93 s (the last frame's wait is included).
     assert elapsed == pytest.approx((10_000_000 - 64 * 1024) / 1_000_000, rel=0.01)
+
+
+# -- the probe against fake targets (real TCP on 127.0.0.1) ------------------------------------------------
+
+
+async def _fake_target(nursery, answer) -> int:
+    """A listener that reads a hello and answers with ``answer(hello)`` (a list of messages); returns its port."""
+
+    async def handle(stream) -> None:
+        decoder = protocol.FrameDecoder()
+        secret = b"s"
+        while (hello := decoder.next_message()) is None:
+            decoder.feed(await stream.receive_some(65536))
+        for msg in answer(hello, secret):
+            await stream.send_all(protocol.encode(msg))
+            if isinstance(msg, protocol.Challenge):
+                while decoder.next_message() is None:  # the auth
+                    decoder.feed(await stream.receive_some(65536))
+        await stream.aclose()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    return listeners[0].socket.getsockname()[1]
+
+
+async def test_probe_refuses_a_version_it_did_not_offer(nursery) -> None:
+    from octofs.errors import PeerVersionError
+    from octofs.probe import probe_target
+
+    def answer(hello, secret):
+        nonce = protocol.new_nonce()
+        return [protocol.Challenge(2, nonce, protocol.target_proof(secret, hello.nonce, nonce, hello.vault_id))]
+
+    port = await _fake_target(nursery, answer)
+    with pytest.raises(PeerVersionError, match=r"chose protocol version 2, which this octofs does not speak \(it speaks \[1\]\)"):
+        await probe_target("127.0.0.1", port, peer="t", vault="v", vault_id=VID, epoch=1, secret=b"s", tls=None)
+
+
+async def test_probe_of_a_target_that_predates_it_reports_the_welcome(nursery) -> None:
+    from octofs.probe import probe_target
+
+    def answer(hello, secret):
+        assert hello.probe is True
+        nonce = protocol.new_nonce()
+        return [protocol.Challenge(1, nonce, protocol.target_proof(secret, hello.nonce, nonce, hello.vault_id)),
+                protocol.Welcome(42, 3, True)]
+
+    port = await _fake_target(nursery, answer)
+    result = await probe_target("127.0.0.1", port, peer="t", vault="v", vault_id=VID, epoch=1, secret=b"s", tls=None)
+    assert result.info is None and result.welcome.acked_seq == 42 and result.version == 1
