@@ -34,6 +34,7 @@ import pytest
 
 from tests.support.daemons import (
     REPO,
+    MountHandle,
     Serve,
     free_port,
     mounted,
@@ -166,6 +167,29 @@ class _Writer:
         self.proc.stderr.close()
 
 
+WINDOW = 200
+
+
+def _window(writer: _Writer) -> float:
+    """Commits/s over the next WINDOW commits."""
+    start = len(_ledger(writer.ledger))
+    writer.wait_commits(start + WINDOW)
+    lg = _ledger(writer.ledger)
+    return WINDOW / (lg[start + WINDOW - 1][1] - lg[start - 1][1])
+
+
+def _rates_around_a_freeze(writer: _Writer, m: MountHandle, root: Path) -> tuple[float, float]:
+    """(commits/s not frozen, commits/s frozen): one window each, back to back, after the target caught up."""
+    m.wait_synced(120)  # not the catch-up after the last thaw
+    normal = _window(writer)
+    r = run_octofs("freeze", "vault", "--root", str(root), "--json")
+    assert r.returncode == 0, r.stderr
+    frozen = _window(writer)
+    r = run_octofs("thaw", "vault", "--root", str(root), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["status"] == "thawed", r.stdout + r.stderr
+    return normal, frozen
+
+
 def _check_db(dbdir: Path) -> list[int]:
     con = sqlite3.connect(dbdir / "app.db")
     try:
@@ -175,6 +199,7 @@ def _check_db(dbdir: Path) -> list[int]:
         con.close()
 
 
+@pytest.mark.slow  # about a minute: the rate is measured over several windows
 def test_freeze_exec_tar_during_sqlite_workload(tmp_path: Path, secret: Path, target: Serve) -> None:
     vault = _vault(tmp_path, secret, target)
     ledger = tmp_path / "ledger"
@@ -197,6 +222,8 @@ def test_freeze_exec_tar_during_sqlite_workload(tmp_path: Path, secret: Path, ta
             assert r.returncode == 0, r.stdout + r.stderr + target.log()
             assert "vault vault thawed" in r.stderr, r.stderr
             writer.wait_commits(len(_ledger(ledger)) + 50)  # the workload goes on after the thaw
+            # The rate, interleaved so that the load of a shared machine drifts alike for both.
+            pairs = [_rates_around_a_freeze(writer, m, target.root) for _ in range(3)]
         finally:
             writer.stop()
         m.wait_synced(120)  # done-means 2: the target catches up ...
@@ -238,8 +265,12 @@ def test_freeze_exec_tar_during_sqlite_workload(tmp_path: Path, secret: Path, ta
     print(f"SQLite commits/s: {baseline:.0f} before; {during:.0f} over the whole `octofs freeze --exec` "
           f"({span:.1f} s, tar {info['tar_s']:.2f} s, on the same 2 cores): {100 * (during / baseline - 1):+.1f} %; "
           f"{frozen:.0f} while frozen after the tar: {100 * (frozen / baseline - 1):+.1f} %")
-    # The issue's 10 % is measured and reported (docs); gated loosely, a shared CI machine is noisy.
+    ratios = sorted(f / n for n, f in pairs)
+    print("SQLite commits/s, interleaved (not frozen, frozen): "
+          + ", ".join(f"({n:.0f}, {f:.0f})" for n, f in pairs) + f"; median ratio {ratios[1]:.2f}")
+    # The issue's 10 % is measured and reported (README); gated loosely, a shared CI machine is noisy.
     assert frozen >= 0.5 * baseline, (baseline, frozen)
+    assert ratios[1] >= 0.5, pairs
 
 
 def test_a_freeze_outliving_its_maximum_duration_thaws_by_itself(tmp_path: Path, secret: Path,
