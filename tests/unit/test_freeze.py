@@ -250,3 +250,39 @@ async def test_a_heartbeat_right_behind_a_batch_acks_that_batch(server: TargetSe
         batch = protocol.encode(protocol.OpBatch(tuple(codec.encode_record(r) for r in file_ops(1, 3))))
         await p.stream.send_all(batch + protocol.encode(protocol.Heartbeat(0, 3)))  # one segment
         assert await p.wait_ack(3) == 3
+
+
+async def test_a_synchronize_starting_while_frozen_waits_for_the_thaw(server: TargetServer) -> None:
+    with trio.fail_after(20):
+        p, _ = await connect(server)
+        await p.send_records(file_ops(1, 2))
+        await p.wait_ack(2)
+        await ctl(server, "freeze", vault="v", max_s=60)
+        await p.send(protocol.SyncBegin(b"\x01" * 16, 0, False))
+        await p.send_records(file_ops(3, 1, b"k"))
+        assert await p.heartbeat_ack(3) == 2
+        v = await vault_status(server)
+        assert v["sync"] is None and v["consistent"] is True and v["frozen"]["held_frames"] == 2
+        await ctl(server, "thaw", vault="v")
+        assert await p.wait_ack(3) == 3
+        v = await vault_status(server)
+        assert v["sync"]["id"] == "01" * 16 and v["consistent"] is False  # begun after the thaw, in order
+        refused = await ctl(server, "freeze", vault="v", max_s=60)
+        assert not refused["ok"] and "a Synchronize is under way" in refused["error"]
+
+
+async def test_a_takeover_ends_the_freeze_and_drops_what_was_held(server: TargetServer) -> None:
+    with trio.fail_after(20):
+        p, _ = await connect(server)
+        await p.send_records(file_ops(1, 2))
+        await p.wait_ack(2)
+        reply = await ctl(server, "freeze", vault="v", max_s=60)
+        await p.send_records(file_ops(3, 2, b"late"))
+        assert await p.heartbeat_ack(4) == 2
+        replica, epoch = await server.release("v", "a test takes over")
+        assert (replica.applied_seq, epoch) == (2, 2)
+        assert not (server.root / "v/late").exists()  # held, never applied: the new primary's copy is seq 2
+        v = await vault_status(server)
+        assert v["frozen"] is None and (v["last_freeze"]["id"], v["last_freeze"]["how"]) == (reply["id"], "taken over")
+        again = await ctl(server, "freeze", vault="v", max_s=60)
+        assert not again["ok"] and "taken over here" in again["error"], again
