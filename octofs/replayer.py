@@ -393,6 +393,7 @@ class TargetServer:
 
     async def _replay(self, stream: trio.abc.Stream, peer: str, hello: protocol.Hello, slot: _VaultSlot,
                       replica: Replica) -> None:
+        slot.last_heartbeat = trio.current_time()  # a primary that connects is alive (failover.py)
         acked = replica.durable_seq if replica.needs_resync is not None else await _make_durable(replica)
         # Compression (FORMAT §7.13): the first codec of the hello's that this target decodes.
         codec_name = next((c for c in hello.compress if c in compression.CODECS), None)
