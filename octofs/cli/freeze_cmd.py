@@ -116,9 +116,15 @@ def run_exec(args: argparse.Namespace, info: dict[str, Any]) -> int:
               f"running: {args.exec_cmd}", file=sys.stderr)
     started = time.monotonic()
     rc: int | None = None
+    # SIGTERM (a scheduler stopping the backup) as an exception: subprocess.call then kills CMD, and the
+    # thaw below still runs; otherwise the vault would stay frozen until --max.
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         rc = subprocess.call(args.exec_cmd, shell=True, env=env)
+    except _Terminated:
+        rc = -signal.SIGTERM
     finally:
+        signal.signal(signal.SIGTERM, previous)
         # Thaw whatever happened to CMD (an interrupt included); only this freeze.
         reply = control(args, "thaw", vault=args.vault, id=info["id"])
     elapsed = time.monotonic() - started
@@ -139,6 +145,14 @@ def run_exec(args: argparse.Namespace, info: dict[str, Any]) -> int:
         outcome = "succeeded" if code == 0 else f"failed (exit {code}{_signal_name(rc)})"
         print(f"octofs: the command {outcome} in {elapsed:.1f} s; vault {args.vault} thawed", file=sys.stderr)
     return code
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _terminated(signum, frame) -> None:
+    raise _Terminated()
 
 
 def _signal_name(rc: int) -> str:

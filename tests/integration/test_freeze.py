@@ -38,6 +38,7 @@ from tests.support.daemons import (
     Serve,
     free_port,
     mounted,
+    octofs_cmd,
     run_octofs,
     serving,
     wait_until,
@@ -341,3 +342,29 @@ def test_freeze_errors_are_one_line(tmp_path: Path, secret: Path, target: Serve)
     r = subprocess.run([sys.executable, "-m", "octofs", "freeze", "v"], capture_output=True, text=True,
                        env={**env, "PYTHONPATH": str(REPO)}, check=False)
     assert r.returncode == 2 and "--root" in r.stderr, r.stderr
+
+
+def test_sigterm_during_exec_thaws(tmp_path: Path, secret: Path, target: Serve) -> None:
+    """A scheduler stopping `octofs freeze --exec` (SIGTERM): the command is killed and the vault thawed at once,
+    not left frozen until --max."""
+    vault = _vault(tmp_path, secret, target)
+    with mounted(vault) as m:
+        (m.mnt / "a").write_bytes(b"x")
+        m.wait_synced()
+        proc = subprocess.Popen(octofs_cmd("freeze", "vault", "--root", str(target.root), "--exec", "exec sleep 300"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        try:
+            wait_until(lambda: (target.vault_status("vault") or {}).get("frozen"), timeout=30, what="the freeze")
+            proc.terminate()
+            out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        assert proc.returncode == 128 + signal.SIGTERM, out + err
+        st = target.vault_status("vault")
+        assert st["frozen"] is None and st["last_freeze"]["how"] == "thawed", st
+        (m.mnt / "b").write_bytes(b"after")
+        m.wait_synced()
+        assert_trees_equal(m.backing, target.root / "vault")
