@@ -102,6 +102,7 @@ class FreezeGate:
         self._idle = trio.Event()
         self._idle.set()
         self._wake: trio.CancelScope | None = None
+        self._exclusive: trio.Event | None = None  # set while a freeze makes the replica durable
         self._prev: object = None
         self._replica: Any = None
         self._time_fd: int | None = None
@@ -181,7 +182,10 @@ class FreezeGate:
                 self._note_received(msg)
                 continue
             # Busy with any frame, not only the holdable ones: answering a heartbeat may make applied
-            # ops durable, which must not run beside a freeze's own make-durable.
+            # ops durable, which must not run beside a freeze's own make-durable (which waits for it to
+            # end, and which it waits for).
+            while self._exclusive is not None:
+                await self._exclusive.wait()
             self._prev = msg
             self._set_busy(True)
             return msg
@@ -337,10 +341,14 @@ class Freezer:
                     raise ControlRequestError(f"vault {vault}: the replay did not reach a batch boundary within "
                                               f"{IDLE_TIMEOUT_S:g} s; try again")
                 _check_consistent(vault, replica)  # a Synchronize may have started with the last frame
+                gate._exclusive = trio.Event()  # the connection task hands out no frame meanwhile
                 try:
                     seq = await trio.to_thread.run_sync(replica.make_durable)
                 except OpError as exc:
                     raise ControlRequestError(f"vault {vault}: cannot make the replica durable: {exc.message}") from None
+                finally:
+                    gate._exclusive.set()
+                    gate._exclusive = None
             except BaseException:
                 gate.release()
                 raise
