@@ -110,6 +110,7 @@ class Watcher:
         self.root = server.root
         self.state = "watching"
         self.detail: str | None = None
+        self.path_checked = False  # the direct query was tried once while the primary was alive
         self.record: dict | None = load_record(self.root, watch.vault)
         self._publish()
 
@@ -158,6 +159,18 @@ class Watcher:
             if now < last + silence_s:
                 if self.state != "watching":
                     self._set("watching")
+                if self.server.heard(w.vault) is not None and not self.path_checked:
+                    # The primary is alive: check once that the direct query works, or a mere break
+                    # of the replication link would look like a dead primary.
+                    self.path_checked = True
+                    checked = await health.probe(w.primary, w.vault, self.secret, timeout_s=timeout_s,
+                                                 tries=PROBE_TRIES)
+                    if checked is None:
+                        self._set("watching", f"WARNING: the primary's health responder "
+                                  f"{health.format_address(*w.primary)} does not answer although the primary "
+                                  "is alive (vault.yaml failover.health, secret): any break of the replication "
+                                  "link would be taken for a dead primary")
+                    continue
                 await trio.sleep(last + silence_s - now)
                 continue
             self._set("querying", f"no heartbeat for {now - last:.2f} s; asking the primary directly")

@@ -38,7 +38,16 @@ import pytest
 from octofs import control, failover, paths
 from octofs.errors import OctofsError
 from octofs.replica import control_socket_path
-from tests.support.daemons import REPO, octofs_cmd, run_octofs, wait_until
+from tests.support.daemons import (
+    REPO,
+    free_port,
+    mounted,
+    octofs_cmd,
+    run_octofs,
+    serving,
+    wait_until,
+    write_vault_yaml,
+)
 from tests.support.fuse import is_octofs_mounted, unmount, wait_for_ready
 from tests.support.netns import Host, lan, require_netns
 from tests.support.trees import assert_trees_equal
@@ -550,3 +559,29 @@ def test_failback_sends_only_what_changed_and_switches_back(work: Path) -> None:
                         run_octofs("umount", str(pair.mnt))
         finally:
             pair.cleanup()
+
+
+def test_watcher_warns_when_the_direct_query_cannot_reach_a_live_primary(work: Path) -> None:
+    """A failover entry whose `primary` health address gets no answer while heartbeats flow is reported
+    at once (status and log): otherwise a mere break of the replication link would cause a takeover."""
+    secret = work / "secret"
+    secret.write_text("s3cret\n")
+    serve_yaml = work / "serve.yaml"
+    serve_yaml.write_text(json.dumps({"secret_file": str(secret), "discovery": False, "failover": [
+        {"vault": "vault", "heartbeat": "0.5s", "primary": f"127.0.0.1:{free_port()}", "mount": str(work / "tm")}]}))
+    with serving(work / "root", secret, workdir=work, start=False) as srv:
+        srv.start(extra_args=(str(serve_yaml),))
+        vault_yaml = write_vault_yaml(work, extra={"secret_file": str(secret), "failover": {"heartbeat": "0.5s"},
+                                                   "targets": [{"name": "t", "address": srv.address_str}]})
+        with mounted(vault_yaml) as m:
+            (m.mnt / "f").write_bytes(b"x")
+            m.wait_synced()
+            def warned() -> str | None:
+                detail = ((srv.vault_status("vault") or {}).get("failover") or {}).get("detail") or ""
+                return detail if "WARNING" in detail else None
+
+            detail = wait_until(warned, timeout=30, what="the watcher's check of the direct query")
+            assert "does not answer although the primary is alive" in detail
+            assert srv.vault_status("vault")["failover"]["state"] == "watching"
+            assert "does not answer although the primary is alive" in srv.log()
+            srv.stop()  # before the primary goes: with no direct query, that would look like its death
