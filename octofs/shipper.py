@@ -58,6 +58,8 @@ CONNECT_TIMEOUT_S = 10.0
 HANDSHAKE_TIMEOUT_S = 10.0
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 5.0
+# A degraded sync target returns to sync mode once it is at most this many ops behind.
+RESUME_BEHIND_OPS = 1000
 
 
 class Forwarding:
@@ -397,9 +399,14 @@ class Shipper:
     def _set_acked(self, seq: int) -> None:
         if seq > self.acked_seq:
             self.acked_seq = seq
-            if self.degraded_reason is not None and seq >= self._recorder.writer.last_seq:
+            if self.degraded_reason is not None and self._recorder.writer.last_seq - seq <= RESUME_BEHIND_OPS:
+                # Nearly caught up: resume. The fsyncs that wait for it from now on hold the
+                # application back just enough for the last of the backlog to drain; waiting for
+                # an exact catch-up instead may never happen while the application writes faster
+                # than the target applies.
                 self.degraded_reason = None
-                log.info("target %s caught up: sync mode resumed", self.name)
+                log.info("target %s caught up (%d ops behind): sync mode resumed", self.name,
+                         self._recorder.writer.last_seq - seq)
             while self._inflight and self._inflight[0][0] <= seq:
                 self._inflight_bytes -= self._inflight.popleft()[1]
             self._acked_changed.set()
