@@ -288,6 +288,8 @@ def test_takeover_after_primary_dies_and_old_primary_is_fenced(work: Path) -> No
                     status = target_vault(pair.root, "web")
                     assert status["role"] == "primary" and status["epoch"] == 2, status
                     assert status["takeover"]["hooks"][0]["command"].startswith("ip addr add")
+                    text = run_octofs("status", "--root", str(pair.root)).stdout
+                    assert "taken over at epoch 2" in text and text.count("hook ok") == 3, text
                     # The new primary takes changes; its journal continues after the replica's seq.
                     new_state = failover.primary_state_dir(pair.root, "web")
                     new_status = primary_status(new_state)
