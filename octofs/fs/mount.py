@@ -44,7 +44,8 @@ def _mount_device(mountpoint: Path) -> str | None:
     """The ``major:minor`` of the filesystem mounted on ``mountpoint`` (from mountinfo, no stat:
     a stat of our own mount before the main loop runs would wait for ourselves)."""
     want, dev = str(mountpoint), None
-    with open("/proc/self/mountinfo") as f:
+    # surrogateescape: any mount on the machine may have a name that is not UTF-8, like os.fsdecode.
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             fields = line.split()
             if len(fields) > 4 and re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]) == want:
@@ -59,7 +60,7 @@ async def raise_read_ahead(mountpoint: Path, kb: int = READ_AHEAD_KB) -> None:
         if dev is not None:
             Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(f"{kb}\n")
             log.debug("read-ahead of %s (bdi %s) set to %d KiB", mountpoint, dev, kb)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # a system task must not raise: it would end the daemon
         log.info("cannot raise the read-ahead of %s (cold reads stay slower): %s", mountpoint, exc)
 
 

@@ -1,0 +1,85 @@
+"""What octofs lets the kernel cache, and what it remembers itself, for speed (docs/PERFORMANCE.md):
+none of it may ever show the application something stale."""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemons import mounted, wait_until, write_vault_yaml
+
+pytestmark = pytest.mark.fuse
+
+
+def _bdi_read_ahead_kb(mnt: Path) -> int | None:
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(mnt):
+            return int(Path(f"/sys/class/bdi/{fields[2]}/read_ahead_kb").read_text())
+    return None
+
+
+def test_read_ahead_is_raised_to_one_mib(tmp_path: Path) -> None:
+    """The kernel gives FUSE 128 KiB; the daemon raises it after INIT (fs/mount.py)."""
+    with mounted(write_vault_yaml(tmp_path)) as m:
+        assert wait_until(lambda: _bdi_read_ahead_kb(m.mnt) == 1024, timeout=10, what="read-ahead 1024 KiB")
+        data = os.urandom(3 * 2**20 + 123)
+        (m.mnt / "big").write_bytes(data)
+        assert (m.mnt / "big").read_bytes() == data
+
+
+def test_cached_negative_lookups_never_hide_a_new_name(tmp_path: Path) -> None:
+    """A name looked up while missing is cached as missing for entry_timeout (60 s); every way
+    a name can appear through the mount must still show it at once."""
+    with mounted(write_vault_yaml(tmp_path)) as m:
+        d = m.mnt / "d"
+        d.mkdir()
+        names = ["created", "renamed", "linked", "symlinked", "mkdired", "mknoded"]
+        for name in names:
+            assert not (d / name).exists()  # now a negative entry in the kernel
+        (d / "created").write_bytes(b"1")
+        (d / "src").write_bytes(b"2")
+        os.rename(d / "src", d / "renamed")
+        os.link(d / "created", d / "linked")
+        os.symlink("created", d / "symlinked")
+        os.mkdir(d / "mkdired")
+        os.mkfifo(d / "mknoded")
+        for name in names:
+            assert os.path.lexists(d / name), name
+        assert (d / "linked").read_bytes() == b"1" and (d / "symlinked").read_bytes() == b"1"
+        for name in ("created", "renamed"):
+            os.unlink(d / name)
+            assert not (d / name).exists()
+            (d / name).write_bytes(b"again")  # missing, then present again
+            assert (d / name).read_bytes() == b"again"
+        assert sorted(os.listdir(d)) == sorted(names)
+        assert sorted(os.listdir(m.backing / "d")) == sorted(names)
+
+
+def test_remembered_no_capability_is_forgotten_on_setxattr(tmp_path: Path) -> None:
+    """The kernel asks for security.capability before every write; octofs answers "none" from
+    memory after the first time, until a setxattr on that file."""
+    with mounted(write_vault_yaml(tmp_path)) as m:
+        f = m.mnt / "tool"
+        f.write_bytes(b"#!/bin/sh\n")
+        with open(f, "r+b") as fh:
+            fh.write(b"#")  # a write: the kernel asked, octofs now remembers "none"
+        with pytest.raises(OSError) as info:
+            os.getxattr(f, "security.capability")
+        assert info.value.errno == errno.ENODATA
+        # VFS_CAP_REVISION_2 | effective, permitted = CAP_NET_BIND_SERVICE (setcap cap_net_bind_service+ep)
+        caps = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)
+        os.setxattr(f, "security.capability", caps)
+        assert os.getxattr(f, "security.capability") == caps
+        assert os.getxattr(m.backing / "tool", "security.capability") == caps
+        with open(f, "r+b") as fh:
+            fh.write(b"#")  # writing to a file clears its capabilities (the kernel removes them)
+        with pytest.raises(OSError) as info:
+            os.getxattr(f, "security.capability")
+        assert info.value.errno == errno.ENODATA
+        with pytest.raises(OSError):
+            os.getxattr(m.backing / "tool", "security.capability")
