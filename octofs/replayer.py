@@ -586,8 +586,9 @@ async def _make_durable(replica: Replica) -> int:
 
 def _apply_all(replica: Replica, records: list[Record]) -> None:
     """Apply a decoded batch in order (runs in a worker thread)."""
-    for rec in records:
-        replica.apply_record(rec)
+    last = len(records) - 1
+    for i, rec in enumerate(records):
+        replica.apply_record(rec, more_follow=i < last)
 
 
 def _decode_batch(batch: protocol.OpBatch, peer: str) -> list[Record]:

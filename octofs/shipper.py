@@ -24,6 +24,7 @@ never silently.
 from __future__ import annotations
 
 import collections
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -216,6 +217,7 @@ class Shipper:
         # A frame takes at most ~1/4 s of the limit, so the rate stays even.
         self._batch_bytes = min(BATCH_BYTES, max(64 * 1024, bandwidth_bps // 4)) if bandwidth_bps > 0 else BATCH_BYTES
         self.op_bytes_sent = 0
+        self._loopback = False  # the live connection's target is on this machine
         # Failover: called when the target refuses us for a stale epoch (another machine took over).
         self._on_fenced = on_fenced
         self.fenced = False
@@ -476,6 +478,8 @@ class Shipper:
             self.compression = welcome.compress if self.compress != "none" and welcome.compress in compression.CODECS \
                 else None
             self._compressor = compression.BatchCompressor(self.compress) if self.compression else None
+            # auto never compresses to a target on this machine: a loopback link is never the bottleneck.
+            self._loopback = _is_loopback(stream)
             self._inflight.clear()
             self._inflight_bytes = 0
             self._answers.clear()
@@ -625,7 +629,7 @@ class Shipper:
         comp = self._compressor
         if comp is not None and self.compression is not None and (
                 comp.mode == "zstd" or self._bucket is not None
-                or self._recorder.age_of(self.acked_seq + 1) >= compression.AUTO_LAG_S):
+                or (not self._loopback and self._recorder.age_of(self.acked_seq + 1) >= compression.AUTO_LAG_S)):
             # zstandard releases the GIL: compress in a worker thread, never in the loop that
             # also serves the mount's FUSE requests (STYLE §6.5).
             data = await trio.to_thread.run_sync(comp.compress, protocol.pack_records(batch))
@@ -716,6 +720,14 @@ async def _expect(stream: trio.abc.Stream, decoder: protocol.FrameDecoder, cls: 
         if not data:
             raise EOFError("the target closed the connection during the handshake")
         decoder.feed(data)
+
+
+def _is_loopback(stream: trio.abc.Stream) -> bool:
+    sock = getattr(getattr(stream, "transport_stream", stream), "socket", None)
+    try:
+        return sock is not None and ipaddress.ip_address(sock.getpeername()[0]).is_loopback
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:

@@ -189,8 +189,34 @@ def test_nothing_after_a_barrier_before_it_is_durable(root: Path, monkeypatch: p
 
     monkeypatch.setattr(apply, "apply_op", spy)
     apply_all(rep, [create(b"f"), FsyncOp(b"f"), write(b"f", b"x"), create(b"g")])
-    # ops 3 and 4 were applied with durable_seq already 2 (the barrier's seq).
-    assert seen == [0, 0, 2, 2]
+    # ops 3 and 4 were applied with durable_seq already 2 (the barrier's seq). The FsyncOp itself
+    # is not handed to apply_op: the barrier's syncfs makes its file durable.
+    assert seen == [0, 2, 2]
+    rep.close()
+
+
+def test_a_busy_barrier_writes_the_position_once(root: Path) -> None:
+    """With the next record in hand, a barrier writes (durable, touched: unknown) in one flush, and
+    the next op needs no position write of its own."""
+    rep = open_replica(root)
+    rep.apply_record(rec(1, create(b"f")))
+    rep.apply_record(rec(2, FsyncOp(b"f")), more_follow=True)
+    assert position(root) == (2, UNKNOWN_SEQ) and rep.durable_seq == 2
+    writes = []
+    real = rep._write_position
+    rep._write_position = lambda d, t: (writes.append((d, t)), real(d, t))  # type: ignore[method-assign]
+    rep.apply_record(rec(3, write(b"f", b"x")))
+    assert writes == []
+    rep.make_durable()
+    assert position(root) == (3, 3)
+    rep.close()
+
+
+def test_a_barrier_on_a_missing_path_needs_a_resync(root: Path) -> None:
+    rep = open_replica(root)
+    with pytest.raises(OpError, match="cannot apply seq 1"):
+        rep.apply_record(rec(1, FsyncOp(b"missing")))
+    assert rep.needs_resync is not None
     rep.close()
 
 
