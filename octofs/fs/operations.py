@@ -104,10 +104,12 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         backing_dir: the real directory (absolute).
         recorder: the journal appender (owns failsafe).
         entry_timeout_s / attr_timeout_s: how long the kernel may cache names (also
-            "no such name") and attributes. octofs owns the backing dir: every change
-            reaches it through this mount, and the kernel updates or drops its own
-            cache entries for the changes it sends us. So caching long is safe, and
-            each lookup or getattr it saves is a round trip (~100 us) saved.
+            "no such name") and attributes. octofs owns the backing dir, so every change
+            reaches it through this mount and the kernel updates its own cache for them;
+            each lookup or getattr saved is a round trip (~100 us). Kept at 1 s: with
+            60 s the Hypothesis state machine once listed a directory through the mount
+            and then failed to open a name in it (ENOENT), which a 1 s revalidation
+            hides (docs/PERFORMANCE.md, "Not done").
         exclude: vault.yaml ``exclude`` patterns (octofs/exclude.py): matching paths
             work normally here but no op about them is journaled.
 
@@ -136,8 +138,8 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         backing_dir: bytes,
         recorder: Recorder,
         *,
-        entry_timeout_s: float = 60.0,
-        attr_timeout_s: float = 60.0,
+        entry_timeout_s: float = 1.0,
+        attr_timeout_s: float = 1.0,
         exclude: Sequence[str | bytes] = (),
         replicated: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
