@@ -301,7 +301,14 @@ class Shipper:
     async def wait_consistent(self) -> None:
         """Return once no Synchronize is pending or under way and the target has been heard from."""
         while self.consistent is not True:
-            await self._consistent_changed.wait()
+            # Woken on every change of job or Welcome; the timeout is a guard only, so that a
+            # transition this module forgot to signal costs a second, not the caller's deadline.
+            with trio.move_on_after(1.0):
+                await self._consistent_changed.wait()
+
+    def _signal_consistency(self) -> None:
+        self._consistent_changed.set()
+        self._consistent_changed = trio.Event()
 
     async def _sync_driver(self, stream: trio.abc.Stream, send_lock: trio.Lock) -> None:
         """Run pending jobs on this connection, one at a time."""
@@ -339,6 +346,7 @@ class Shipper:
         need = welcome.acked_seq + 1
         lost = (need < first and need <= writer.last_seq) or welcome.acked_seq > writer.last_seq
         self.target_consistent = welcome.needs_resync is None and welcome.sync is None
+        self._signal_consistency()
         job = self.job
         if welcome.needs_resync is not None or lost:
             reason = (f"the target needs a resync: {welcome.needs_resync}" if welcome.needs_resync is not None
