@@ -269,8 +269,8 @@ def test_freeze_exec_tar_during_sqlite_workload(tmp_path: Path, secret: Path, ta
     ratios = sorted(f / n for n, f in pairs)
     print("SQLite commits/s, interleaved (not frozen, frozen): "
           + ", ".join(f"({n:.0f}, {f:.0f})" for n, f in pairs) + f"; median ratio {ratios[1]:.2f}")
-    # The 10 % is measured and reported (README); gated loosely, a shared CI machine is noisy.
-    assert frozen >= 0.5 * baseline, (baseline, frozen)
+    # The 10 % is measured and reported (README). Gated loosely, on the median of the interleaved
+    # pairs: single windows on a shared CI machine swing by a factor of two (load from other jobs).
     assert ratios[1] >= 0.5, pairs
 
 
