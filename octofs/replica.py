@@ -326,6 +326,7 @@ class Replica:
                      "it is re-applied, tolerating what is already done", self.vault, half)
         if self.needs_resync is None and (applied > durable or touched not in (durable, durable + 1)):
             self.make_durable()
+            self.settle()
 
     # -- peers -----------------------------------------------------------------
 
@@ -363,12 +364,8 @@ class Replica:
 
     # -- applying ----------------------------------------------------------------
 
-    def apply_record(self, rec: Record, *, more_follow: bool = False) -> None:
+    def apply_record(self, rec: Record) -> None:
         """Apply one record in seq order (exactly once).
-
-        ``more_follow``: the caller already holds the next record. At a barrier, the position
-        is then written as "touched: unknown" right away (one flush instead of two, see
-        ``make_durable``).
 
         Raises:
             ProtocolError: ``rec.seq`` leaves a gap after ``applied_seq``.
@@ -424,7 +421,10 @@ class Replica:
         except OSError as exc:
             self._fail(f"cannot record progress after seq {seq}: {exc.strerror or exc}", exc)
         if isinstance(rec.op, FsyncOp):
-            self.make_durable(busy=more_follow)  # a barrier: DESIGN invariant 2
+            # A barrier (DESIGN invariant 2). Written as "busy" whether or not more ops are in hand:
+            # the next op (the common case: databases commit again) then needs no flush of its own,
+            # and ``settle`` (on a heartbeat, at close) marks an idle replica clean again.
+            self.make_durable(busy=True)
 
     def _apply_half_done(self, op: Op) -> None:
         """Apply the op that may have been half done when the last process died."""
@@ -467,7 +467,8 @@ class Replica:
         touched = self.applied_seq + 1 if self._half_done is not None else self.applied_seq
         if busy:
             touched = UNKNOWN_SEQ
-        if self.durable_seq == self.applied_seq and self._touched in (touched, UNKNOWN_SEQ if busy else touched):
+        if self.durable_seq == self.applied_seq and self._touched in (touched, UNKNOWN_SEQ):
+            # Already durable; "touched: unknown" is only ever more cautious (settle clears it).
             return self.durable_seq
         assert self._fd is not None
         try:
@@ -477,6 +478,19 @@ class Replica:
             self._fail(f"cannot make seq {self.applied_seq} durable: {exc.strerror or exc}", exc)
         self.durable_seq = self.applied_seq
         return self.durable_seq
+
+    @property
+    def unsettled(self) -> bool:
+        """Durable, but ``position`` still says "touched: unknown" (a busy barrier)."""
+        return self._touched == UNKNOWN_SEQ and self.durable_seq == self.applied_seq and self._half_done is None
+
+    def settle(self) -> None:
+        """Idle: make ``position`` say exactly what is durable, so a power cut now costs nothing."""
+        if self.unsettled and self.needs_resync is None and self._pos_fd is not None:
+            try:
+                self._write_position(self.durable_seq, self.durable_seq)
+            except OSError as exc:
+                self._fail(f"cannot record the durable position: {exc.strerror or exc}", exc)
 
     def _write_position(self, durable: int, touched: int) -> None:
         assert self._pos_fd is not None
@@ -622,6 +636,7 @@ class Replica:
             if self._fd is not None and self.needs_resync is None:
                 with contextlib.suppress(OpError):  # already logged and marked
                     self.make_durable()
+                    self.settle()
         finally:
             self._close_fds()
 

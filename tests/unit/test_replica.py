@@ -163,10 +163,17 @@ def test_barrier_makes_durable_before_position(root: Path, monkeypatch: pytest.M
     rep.apply_record(rec(2, write(b"f", b"data")))
     rep.apply_record(rec(3, FsyncOp(b"f")))
     # Before op 1: the "touched" mark (durable 0, unknown) is made durable; then, at the
-    # barrier, syncfs runs first and only then position = 3 is written and fdatasync'ed.
-    assert calls == [f"position={(0, UNKNOWN_SEQ)}", "syncfs", f"position={(3, 3)}"]
-    assert rep.durable_seq == 3 and position(root) == (3, 3)
+    # barrier, syncfs runs first and only then position = 3 is written and fdatasync'ed,
+    # still "touched: unknown" (the next op needs no flush of its own) ...
+    assert calls == [f"position={(0, UNKNOWN_SEQ)}", "syncfs", f"position={(3, UNKNOWN_SEQ)}"]
+    assert rep.durable_seq == 3 and rep.unsettled
+    # ... until the replica settles (idle: a heartbeat, or close).
+    rep.settle()
+    assert position(root) == (3, 3) and not rep.unsettled
+    rep.apply_record(rec(4, write(b"f", b"more")))
+    rep.apply_record(rec(5, FsyncOp(b"f")))
     rep.close()
+    assert position(root) == (5, 5)
 
 
 def test_make_durable_is_a_no_op_when_nothing_is_new(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -200,7 +207,7 @@ def test_a_busy_barrier_writes_the_position_once(root: Path) -> None:
     the next op needs no position write of its own."""
     rep = open_replica(root)
     rep.apply_record(rec(1, create(b"f")))
-    rep.apply_record(rec(2, FsyncOp(b"f")), more_follow=True)
+    rep.apply_record(rec(2, FsyncOp(b"f")))
     assert position(root) == (2, UNKNOWN_SEQ) and rep.durable_seq == 2
     writes = []
     real = rep._write_position
@@ -208,6 +215,7 @@ def test_a_busy_barrier_writes_the_position_once(root: Path) -> None:
     rep.apply_record(rec(3, write(b"f", b"x")))
     assert writes == []
     rep.make_durable()
+    rep.settle()
     assert position(root) == (3, 3)
     rep.close()
 
