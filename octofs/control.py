@@ -6,8 +6,12 @@ reply has ``"ok": true`` and the command's fields, or ``"ok": false`` and an
 ``"error"`` sentence. The socket is mode 0600 (root, or the daemon's user).
 
 Invariants:
-- A handler never raises into the server: a bad request gets ``ok: false``.
+- A handler never raises into the server: a bad request gets ``ok: false``, and a
+  handler that fails unexpectedly is logged with its traceback and answered
+  ``ok: false`` — the daemon serving it goes on.
 - The client is synchronous (plain ``socket``), so the CLI needs no event loop.
+- Socket paths of any length work: a path longer than ``sun_path`` allows (107
+  bytes) is reached through ``/proc/self/fd/N/NAME``, N an fd of its directory.
 """
 
 from __future__ import annotations
@@ -28,6 +32,22 @@ from octofs.errors import DaemonNotRunningError
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 64 * 1024
+_SUN_PATH_MAX = 107
+
+
+@contextlib.contextmanager
+def _addressable(socket_path: Path):
+    """A name for ``socket_path`` that fits in ``sun_path`` (valid inside the block)."""
+    path = os.fspath(socket_path)
+    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
+        yield path
+        return
+    parent, name = os.path.split(path)
+    fd = os.open(parent or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{name}"
+    finally:
+        os.close(fd)
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -45,7 +65,8 @@ async def serve_control(
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.bind(os.fspath(socket_path))
+    with _addressable(socket_path) as address:
+        await sock.bind(address)
     os.chmod(socket_path, 0o600)
     sock.listen(16)
     listener = trio.SocketListener(sock)
@@ -73,6 +94,9 @@ async def _handle(stream: trio.SocketStream, handlers: dict[str, Handler]) -> No
             return
         except ControlRequestError as exc:
             reply = {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a handler's bug must not take the daemon down
+            log.exception("control request failed")
+            reply = {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
         try:
             await stream.send_all(json.dumps(reply).encode() + b"\n")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -108,7 +132,8 @@ def request(socket_path: Path, cmd: str, *, io_timeout_s: float | None = 10.0, *
     sock.settimeout(io_timeout_s)
     try:
         try:
-            sock.connect(os.fspath(socket_path))
+            with _addressable(socket_path) as address:
+                sock.connect(address)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise DaemonNotRunningError(socket=str(socket_path), reason=exc.strerror) from exc
         sock.sendall(json.dumps({"cmd": cmd, **fields}).encode() + b"\n")
