@@ -415,7 +415,7 @@ class Shipper:
                 # an exact catch-up instead may never happen while the application writes faster
                 # than the target applies.
                 self.degraded_reason = None
-                log.info("target %s caught up (%d ops behind): sync mode resumed", self.name,
+                log.info("target %s caught up: sync mode resumed (%d ops behind)", self.name,
                          self._recorder.writer.last_seq - seq)
             while self._inflight and self._inflight[0][0] <= seq:
                 self._inflight_bytes -= self._inflight.popleft()[1]
