@@ -236,6 +236,8 @@ class PrimaryDaemon:
                 sdnotify.notify("READY=1")  # systemd Type=notify (docs/systemd/octofs-mount@.service)
                 await serve_mount()
                 log.info("filesystem unmounted, shutting down")
+                for shipper in self.shippers:  # so that no target takes the silence for a failure
+                    await shipper.goodbye(f"vault {cfg.vault} unmounted")
                 nursery.cancel_scope.cancel()
             with trio.CancelScope(shield=True):
                 with contextlib.suppress(JournalError):  # failsafe: already logged

@@ -154,6 +154,13 @@ class Watcher:
         silence_s = SILENCE_INTERVALS * w.heartbeat_s
         timeout_s = probe_timeout(w.heartbeat_s)
         while self.record is None:  # a planned handover (``handover``) may take over meanwhile
+            if self.server.stopped_cleanly(w.vault):
+                # An unmount is not a failure: no takeover until the primary is back (and then dies).
+                if self.state != "primary stopped":
+                    self._set("primary stopped", "the primary unmounted cleanly: no takeover until it returns")
+                await trio.sleep(w.heartbeat_s)
+                start = trio.current_time()
+                continue
             last = self.server.heard(w.vault) or start
             now = trio.current_time()
             if now < last + silence_s:

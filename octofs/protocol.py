@@ -197,7 +197,8 @@ class SyncEnd:
 Message = Union[Hello, Challenge, Auth, Welcome, OpBatch, Ack, Heartbeat, Error, SyncBegin, SyncQuery, SyncAnswer,
                 Repair, SyncCheckpoint, SyncEnd, ProbeInfo]
 
-ERROR_CODES = frozenset({"version", "auth", "vault_id", "epoch", "busy", "protocol", "apply", "internal"})
+# "bye": the primary stops cleanly (an unmount), not a failure: a failover watcher must not take over.
+ERROR_CODES = frozenset({"version", "auth", "vault_id", "epoch", "busy", "protocol", "apply", "internal", "bye"})
 
 # type tag ↔ class, and each field's expected Python type (for decoding).
 _TYPES: dict[str, type] = {

@@ -111,6 +111,7 @@ class _VaultSlot:
     replica: Replica | None = None
     conn: _Connection | None = None
     last_heartbeat: float | None = None  # trio time
+    said_goodbye: float | None = None  # trio time of the primary's clean-stop notice, until it connects again
     error: str | None = None  # why the replica could not be opened
     op_bytes_received: int = 0  # record payload bytes of op batches applied since serve started (status, metrics)
     # Failover: this target took the vault over at this epoch; the replica dir belongs to a
@@ -212,6 +213,11 @@ class TargetServer:
         }
 
     # -- failover --------------------------------------------------------------
+
+    def stopped_cleanly(self, vault: str) -> bool:
+        """Whether ``vault``'s primary said it stopped cleanly (unmounted) and has not come back since."""
+        slot = self._slots.get(vault)
+        return slot is not None and slot.said_goodbye is not None
 
     def heard(self, vault: str) -> float | None:
         """The trio time of the last heartbeat from ``vault``'s primary, or None."""
@@ -394,6 +400,7 @@ class TargetServer:
     async def _replay(self, stream: trio.abc.Stream, peer: str, hello: protocol.Hello, slot: _VaultSlot,
                       replica: Replica) -> None:
         slot.last_heartbeat = trio.current_time()  # a primary that connects is alive (failover.py)
+        slot.said_goodbye = None
         acked = replica.durable_seq if replica.needs_resync is not None else await _make_durable(replica)
         # Compression (FORMAT §7.13): the first codec of the hello's that this target decodes.
         codec_name = next((c for c in hello.compress if c in compression.CODECS), None)
@@ -444,6 +451,9 @@ class TargetServer:
                 acked = replica.durable_seq
                 await _send(stream, protocol.Ack(acked))
             elif isinstance(msg, protocol.Error):
+                if msg.code == "bye":
+                    slot.said_goodbye = trio.current_time()
+                    raise _PeerGone(f"the primary stopped cleanly: {msg.message}")
                 raise _PeerGone(f"the primary closed the connection: {msg.code}: {msg.message}", logging.WARNING)
             elif isinstance(msg, _SYNC_MESSAGES):
                 await _sync_message(stream, peer, replica, msg)

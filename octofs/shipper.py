@@ -207,6 +207,7 @@ class Shipper:
         self._sent_seq = 0
         self._sent_changed = trio.Event()
         self._answers: dict[int, list] = {}  # req -> [event, answer]
+        self._live: tuple[trio.abc.Stream, trio.Lock] | None = None  # the connected stream and its send lock
         # The link (issue 8): TLS, compression (agreed per connection, FORMAT §7.13), bandwidth limit.
         self._tls = tls
         self.compress = compress
@@ -510,6 +511,7 @@ class Shipper:
             self._last_heard = trio.current_time()
             log.info("target %s (%s) connected, resuming after seq %d", self.name, self.address, welcome.acked_seq)
             send_lock = trio.Lock()
+            self._live = (stream, send_lock)
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._receive, stream, decoder)
@@ -521,6 +523,22 @@ class Shipper:
                 # trio wraps what the connection's tasks raised; the first real error
                 # decides what run() does (reconnect, back off, report).
                 raise _first_error(group) from None
+            finally:
+                self._live = None
+
+    async def goodbye(self, reason: str) -> None:
+        """A clean stop (unmount): tell the connected target, so that its failover watcher does not
+        take the silence that follows for a dead primary (FORMAT §7.8, code ``bye``). Best effort."""
+        live = self._live
+        if live is None:
+            return
+        stream, send_lock = live
+        with trio.move_on_after(2):
+            try:
+                async with send_lock:
+                    await stream.send_all(protocol.encode(protocol.Error("bye", reason)))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                log.debug("target %s: could not say goodbye", self.name)
 
     async def _handshake(self, stream: trio.abc.Stream, decoder: protocol.FrameDecoder) -> protocol.Welcome:
         nonce = protocol.new_nonce()

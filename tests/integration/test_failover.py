@@ -587,3 +587,39 @@ def test_watcher_warns_when_the_direct_query_cannot_reach_a_live_primary(work: P
             assert srv.vault_status("vault")["failover"]["state"] == "watching"
             assert "does not answer although the primary is alive" in srv.log()
             srv.stop()  # before the primary goes: with no direct query, that would look like its death
+
+
+def test_a_clean_unmount_is_not_taken_for_a_dead_primary(work: Path) -> None:
+    """The primary says goodbye when it is unmounted: the watcher does not take over, whatever the direct
+    query says; once the primary is back and connected, watching resumes."""
+    secret = work / "secret"
+    secret.write_text("s3cret\n")
+    serve_yaml = work / "serve.yaml"
+    serve_yaml.write_text(json.dumps({"secret_file": str(secret), "discovery": False, "failover": [
+        {"vault": "vault", "heartbeat": "0.5s", "primary": f"127.0.0.1:{free_port()}", "mount": str(work / "tm")}]}))
+    with serving(work / "root", secret, workdir=work, start=False) as srv:
+        srv.start(extra_args=(str(serve_yaml),))
+        vault_yaml = write_vault_yaml(work, extra={"secret_file": str(secret), "failover": {"heartbeat": "0.5s"},
+                                                   "targets": [{"name": "t", "address": srv.address_str}]})
+        with mounted(vault_yaml) as m:
+            (m.mnt / "f").write_bytes(b"x")
+            m.wait_synced()
+        assert m.proc.returncode == 0
+        state = wait_until(lambda: ((srv.vault_status("vault") or {}).get("failover") or {}).get("state")
+                           == "primary stopped" and "stopped", timeout=30, what="the watcher to see the goodbye")
+        assert state
+        # Longer than the detection bound (silence + direct query): still no takeover.
+        deadline = time.monotonic() + 3 * failover.detection_bound(0.5, False)
+        while time.monotonic() < deadline:
+            assert srv.vault_status("vault")["failover"]["state"] == "primary stopped", srv.vault_status("vault")
+            assert failover.load_record(work / "root", "vault") is None
+            time.sleep(0.2)  # sampling a state that must not change: no event to wait for
+        assert "the primary stopped cleanly" in srv.log()
+        with mounted(vault_yaml) as m:
+            (m.mnt / "g").write_bytes(b"y")
+            m.wait_synced()
+            wait_until(lambda: srv.vault_status("vault")["failover"]["state"] != "primary stopped", timeout=30,
+                       what="watching again")
+            assert_trees_equal(m.backing, work / "root" / "vault", mtime=True)
+            srv.stop()  # before the primary goes (its direct query is not answered in this setup)
+
