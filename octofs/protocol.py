@@ -107,6 +107,7 @@ class OpBatch:
     """primary → target: consecutive journal records (codec payloads), seqs ascending."""
 
     records: tuple[bytes, ...]
+    epoch: int = 0  # optional: the sender's epoch (0 = not given); a target refuses a batch below its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +227,7 @@ _FIELDS: dict[type, dict[str, tuple[type, ...]]] = {
     Auth: {"proof": (bytes,)},
     Welcome: {"acked_seq": (int,), "epoch": (int,), "owners": (bool,), "needs_resync": (str, type(None)),
               "sync": (dict, type(None)), "synced": (bool,), "compress": (str, type(None))},
-    OpBatch: {"records": (list,)},
+    OpBatch: {"records": (list,), "epoch": (int,)},
     Ack: {"seq": (int,)},
     Heartbeat: {"time_ns": (int,), "last_seq": (int,)},
     Error: {"code": (str,), "message": (str,)},
@@ -243,7 +244,7 @@ _FIELDS: dict[type, dict[str, tuple[type, ...]]] = {
 }
 # Fields a peer may leave out (it predates them): absent means the dataclass default.
 _OPTIONAL: dict[type, frozenset[str]] = {Welcome: frozenset({"needs_resync", "sync", "synced", "compress"}),
-                                         SyncAnswer: frozenset({"skipped"}),
+                                         SyncAnswer: frozenset({"skipped"}), OpBatch: frozenset({"epoch"}),
                                          Hello: frozenset({"probe", "compress"})}
 
 
@@ -261,9 +262,12 @@ def encode(msg: Message) -> bytes:
     return _LEN.pack(len(payload)) + payload
 
 
-def encode_zops(codec_name: str, data: bytes) -> bytes:
+def encode_zops(codec_name: str, data: bytes, epoch: int = 0) -> bytes:
     """A `zops` frame (§7.13): ``data`` is the compressed msgpack array of record payloads."""
-    payload = codec.packb({"t": "zops", "codec": codec_name, "data": data})
+    body: dict = {"t": "zops", "codec": codec_name, "data": data}
+    if epoch:
+        body["epoch"] = epoch
+    payload = codec.packb(body)
     if len(payload) > MAX_FRAME_BYTES:
         raise ValueError(f"frame of {len(payload)} bytes exceeds MAX_FRAME_BYTES")
     return _LEN.pack(len(payload)) + payload
@@ -287,7 +291,10 @@ def _decode_zops(body: dict, peer: str, accepted: str | None) -> OpBatch:
         raise ProtocolError(peer=peer, reason=f"zops: {exc}") from None
     if not isinstance(records, list) or not all(isinstance(r, bytes) for r in records):
         raise ProtocolError(peer=peer, reason="zops: the data must be an array of binary records")
-    return OpBatch(tuple(records))
+    epoch = body.get("epoch", 0)
+    if type(epoch) is not int or epoch < 0:
+        raise ProtocolError(peer=peer, reason="zops: epoch must be a non-negative integer")
+    return OpBatch(tuple(records), epoch)
 
 
 def decode_payload(payload: bytes, peer: str = "peer", *, compress: str | None = None) -> Message:

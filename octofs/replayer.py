@@ -420,6 +420,11 @@ class TargetServer:
                                                  keepalive_s=hello.heartbeat_s)
             slot.last_heartbeat = trio.current_time()  # any frame shows the primary alive (failover.py)
             if isinstance(msg, protocol.OpBatch):
+                if msg.epoch and msg.epoch < replica.epoch:
+                    # Fencing (DESIGN, failover): a batch from a primary older than the epoch this
+                    # target now knows is never applied, even on a connection made before.
+                    raise _Refused("epoch", f"vault {replica.vault}: an op batch at epoch {msg.epoch}, below this "
+                                   f"target's epoch {replica.epoch}: that primary is stale (a failover happened)")
                 records = _decode_batch(msg, peer)
                 try:
                     await trio.to_thread.run_sync(_apply_all, replica, records)

@@ -660,8 +660,8 @@ class Shipper:
             # also serves the mount's FUSE requests (STYLE §6.5).
             data = await trio.to_thread.run_sync(comp.compress, protocol.pack_records(batch))
             if data is not None:
-                return protocol.encode_zops(self.compression, data)
-        return protocol.encode(protocol.OpBatch(tuple(batch)))
+                return protocol.encode_zops(self.compression, data, self._epoch)
+        return protocol.encode(protocol.OpBatch(tuple(batch), self._epoch))
 
     def _set_sent(self, seq: int) -> None:
         self._sent_seq = seq

@@ -534,3 +534,16 @@ def test_frame_decoder_refuses_wrong_shapes_cleanly(body, tag: str) -> None:
 def _frame_any(body) -> bytes:
     payload = codec.packb(body)
     return struct.pack("<I", len(payload)) + payload
+
+
+async def test_an_op_batch_below_the_targets_epoch_is_refused(target, root: Path) -> None:
+    """Fencing per batch: a batch that says it comes from an epoch below the target's is never applied."""
+    with trio.fail_after(20):
+        p, _ = await connect_ok(target, epoch=2)  # the target now knows epoch 2
+        await p.send_records(file_ops(1, 2))
+        assert await p.wait_ack(2) == 2
+        stale = protocol.OpBatch(tuple(codec.encode_record(r) for r in file_ops(1, 3)[2:]), epoch=1)
+        await p.send(stale)
+        msgs = await p.until_closed()
+        assert msgs[-1].code == "epoch" and "stale" in msgs[-1].message
+        assert (await status(root))["vaults"][0]["applied_seq"] == 2  # batch 3 was not applied
