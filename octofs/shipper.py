@@ -24,6 +24,7 @@ never silently.
 from __future__ import annotations
 
 import collections
+import errno
 import ipaddress
 import logging
 import time
@@ -61,6 +62,10 @@ BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 5.0
 # A degraded sync target returns to sync mode once it is at most this many ops behind.
 RESUME_BEHIND_OPS = 1000
+# A Synchronize repair holds the application's changes while the stream catches up, at most this long
+# (else it tries again later); it sends its frame within this long or the connection is given up.
+REPAIR_WAIT_MAX_S = 1.0
+REPAIR_SEND_MAX_S = 10.0
 
 
 class Forwarding:
@@ -706,27 +711,45 @@ class _Link:
         _, answer = await self.query(0, 65536, [])  # req 0 is never a plan's
         return answer.skipped
 
-    async def repair(self, produce) -> int:
+    async def repair(self, produce) -> int | None:
         sh = self._sh
         writer = sh._recorder.writer
         sh._recorder.pause()
+        paused, locked = True, False
         try:
             # Everything journaled must be out first (the send loop makes it durable and sends it).
-            while sh._sent_seq < writer.last_seq:
-                await sh._sent_changed.wait()
-            async with self._lock:
-                seq = writer.last_seq
-                if sh._sent_seq != seq:  # cannot happen while changes are held; never send out of place
-                    raise ProtocolError(peer=sh.address, reason="internal: a repair out of place")
-                now = time.time_ns()
-                ops = produce(seq)  # reads the backing dir: no await from here to the send
-                if not ops:
-                    return 0
-                frame = protocol.encode(protocol.Repair(tuple(codec.encode_record(Record(seq + 1, now, op))
-                                                              for op in ops)))
-                await self._stream.send_all(frame)
-        finally:
+            # Changes are held meanwhile, so that wait is bounded: a slow or dead link must not
+            # stall the application; the driver tries again a little later.
+            with trio.move_on_after(REPAIR_WAIT_MAX_S):
+                while sh._sent_seq < writer.last_seq:
+                    await sh._sent_changed.wait()
+                await self._lock.acquire()
+                locked = True
+            if not locked:
+                return None
+            seq = writer.last_seq
+            if sh._sent_seq != seq:  # cannot happen while changes are held; never send out of place
+                raise ProtocolError(peer=sh.address, reason="internal: a repair out of place")
+            now = time.time_ns()
+            ops = produce(seq)  # reads the backing dir at exactly `seq`: no await since the check above
+            # Changes may go on now: what they journal goes out after this frame (the send lock is ours).
             sh._recorder.resume()
+            paused = False
+            if not ops:
+                return 0
+            frame = protocol.encode(protocol.Repair(tuple(codec.encode_record(Record(seq + 1, now, op))
+                                                          for op in ops)))
+            try:
+                with trio.fail_after(REPAIR_SEND_MAX_S):
+                    await self._stream.send_all(frame)
+            except trio.TooSlowError:
+                # Half a frame may be out: this connection is done for (the Synchronize resumes).
+                raise OSError(errno.ETIMEDOUT, f"the target took no repair frame for {REPAIR_SEND_MAX_S:g} s") from None
+        finally:
+            if locked:
+                self._lock.release()
+            if paused:
+                sh._recorder.resume()
         sh.bytes_sent += len(frame)
         if sh._bucket is not None:  # charged after the fact: nothing may wait between produce and send
             await sh._bucket.take(len(frame))

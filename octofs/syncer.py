@@ -40,6 +40,7 @@ from octofs.syncplan import SyncPlan
 log = logging.getLogger(__name__)
 
 REPAIR_BUDGET_BYTES = 4 * 2**20
+REPAIR_RETRY_S = 0.1
 CHECKPOINT_EVERY_S = 2.0
 CHECKPOINT_EVERY_STEPS = 16  # queries and repair frames
 
@@ -52,9 +53,9 @@ class SyncLink(Protocol):
     async def query(self, req: int, block_size: int, items: list[tuple[str, bytes]]) -> tuple[int, protocol.SyncAnswer]:
         """Send a SyncQuery; return (the seq it followed in the stream, the answer)."""
 
-    async def repair(self, produce) -> int:
+    async def repair(self, produce) -> int | None:
         """Hold changes, wait until every journaled record is sent, call ``produce(seq)`` for the ops, send them;
-        return the frame's size."""
+        return the frame's size, or None if the stream did not catch up in time (nothing was produced)."""
 
     async def send(self, msg: protocol.Message) -> int:
         """Send a frame in stream order; return the seq it followed."""
@@ -220,7 +221,8 @@ async def drive(job: SyncJob, link: SyncLink, *, recorder: Recorder, backing_fd:
                     last_cursor = cur
                 last_checkpoint, steps = now, 0
             if plan.has_repairs:
-                await link.repair(lambda seq: plan.produce(REPAIR_BUDGET_BYTES))
+                if await link.repair(lambda seq: plan.produce(REPAIR_BUDGET_BYTES)) is None:
+                    await trio.sleep(REPAIR_RETRY_S)  # the stream is behind: let changes through meanwhile
                 continue
             query = plan.next_query()
             if query is None:

@@ -383,3 +383,33 @@ def test_target_added_after_the_journal_dropped_its_start(tmp_path: Path, secret
             m.wait_synced()
             assert_trees_equal(m.backing, t2.root / "vault", mtime=True)
             assert_trees_equal(m.backing, t1.root / "vault", mtime=True)
+
+
+def test_a_stalled_target_does_not_stall_the_application_during_a_synchronize(tmp_path: Path, secret: Path,
+                                                                              target: Serve):
+    """Repairs hold changes only briefly: with the target stopped (SIGSTOP) in the middle of a Synchronize,
+    writes through the mount keep completing; once it continues, the Synchronize finishes."""
+    import signal
+    import time
+
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    blob = os.urandom(200_000)
+    make_tree(backing, {f"d{i:02d}/f{j:02d}": blob[j:] + bytes([i]) for i in range(40) for j in range(40)})
+    yml = vault_yaml(tmp_path, secret, {"t1": target.address_str})
+    with mounted(yml) as m:
+        wait_until(lambda: (sync_job(m) or {}).get("repair_bytes", 0) > 0, timeout=60, what="repairs under way")
+        target.proc.send_signal(signal.SIGSTOP)
+        try:
+            slowest = 0.0
+            for k in range(30):  # ~3 s of writes while the target takes nothing
+                t0 = time.monotonic()
+                (m.mnt / f"app-{k}").write_bytes(os.urandom(4096))
+                slowest = max(slowest, time.monotonic() - t0)
+            assert sync_job(m)["state"] == "running"
+        finally:
+            target.proc.send_signal(signal.SIGCONT)
+        print(f"slowest write while the target was stopped: {slowest:.3f} s")
+        assert slowest < 5.0  # a repair waits at most REPAIR_WAIT_MAX_S (1 s) for the stream
+        m.wait_synced(timeout=180)
+        assert_trees_equal(m.backing, target.root / "vault", mtime=True)
