@@ -127,10 +127,15 @@ def test_sigkill_mid_workload_recovers(tmp_path: Path) -> None:
         data = (replica / "data" / name).read_bytes()
         assert hashlib.sha256(data).hexdigest() == digest, name
 
-    # The replay equals the backing dir except for what was in flight at a kill:
-    # at most a temporary file and the unsynced noise file per round.
+    # The replay equals the backing dir except for what was in flight at a kill: a temporary file,
+    # the unsynced noise file, and — when the kill fell between a rename's syscall and its journal
+    # append — that rename's final name (never one the ledger names: the ledger follows a directory
+    # fsync). Per round, at most those three. (Replication repairs such paths after the remount:
+    # the intent ring, test_synchronize.py.)
     a, b = tree_snapshot(backing), tree_snapshot(replica)
     differing = sorted(p for p in a.keys() | b.keys() if a.get(p) != b.get(p))
-    allowed = [p for p in differing if p.startswith(b"data/.tmp") or p == b"noise"]
+    in_flight_renames = {b"data/f%05d" % int(p[len(b"data/.tmp"):]) for p in differing if p.startswith(b"data/.tmp")}
+    allowed = [p for p in differing if p.startswith(b"data/.tmp") or p == b"noise"
+               or (p in in_flight_renames and p[len(b"data/"):].decode() not in ledger_entries)]
     assert differing == allowed, f"unexpected differences: {differing}"
-    assert len(differing) <= 2 * rounds
+    assert len(differing) <= 3 * rounds
