@@ -36,11 +36,9 @@ from tests.support.daemons import (
     REPO,
     MountHandle,
     Serve,
-    free_port,
     mounted,
     octofs_cmd,
     run_octofs,
-    serving,
     wait_until,
     write_vault_yaml,
 )
@@ -115,20 +113,6 @@ SLOW_BACKUP = textwrap.dedent(
         time.sleep(0.05)
     """
 )
-
-
-@pytest.fixture
-def secret(tmp_path: Path) -> Path:
-    p = tmp_path / "secret"
-    p.write_text(os.urandom(16).hex() + "\n")
-    p.chmod(0o600)
-    return p
-
-
-@pytest.fixture
-def target(tmp_path: Path, secret: Path):
-    with serving(tmp_path / "target", secret, workdir=tmp_path, port=free_port()) as s:
-        yield s
 
 
 def _vault(tmp_path: Path, secret: Path, target: Serve) -> Path:

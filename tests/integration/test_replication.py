@@ -20,7 +20,6 @@ import shutil
 import signal
 import sqlite3
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,7 +36,12 @@ from tests.support.daemons import (
     write_vault_yaml,
 )
 from tests.support.proxy import CuttingProxy
-from tests.support.trees import assert_trees_equal, diff_snapshots, snapshot_minus_excluded, tree_snapshot
+from tests.support.trees import (
+    assert_trees_equal,
+    diff_snapshots,
+    snapshot_minus_excluded,
+    tree_snapshot,
+)
 
 pytestmark = pytest.mark.fuse
 
@@ -48,21 +52,6 @@ def seed_for(name: str) -> int:
     seed = int(os.environ.get("OCTOFS_TEST_SEED") or random.SystemRandom().randrange(2**32))
     print(f"{name}: seed {seed} (OCTOFS_TEST_SEED={seed} replays it)")
     return seed
-
-
-@pytest.fixture
-def secret(tmp_path: Path) -> Path:
-    path = tmp_path / "secret"
-    path.write_text(os.urandom(16).hex() + "\n")
-    path.chmod(0o600)
-    return path
-
-
-@pytest.fixture
-def target(tmp_path: Path, secret: Path) -> Iterator[Serve]:
-    """One `octofs serve` on a port chosen up front, so that it can be restarted on the same address."""
-    with serving(tmp_path / "target", secret, workdir=tmp_path, port=free_port()) as s:
-        yield s
 
 
 def vault_yaml(workdir: Path, secret: Path, targets: dict[str, str], *, name: str = "vault", **extra) -> Path:

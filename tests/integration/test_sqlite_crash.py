@@ -24,7 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemons import Serve, free_port, mounted, run_octofs, serving, wait_until, write_vault_yaml
+from tests.support.daemons import (
+    Serve,
+    mounted,
+    run_octofs,
+    wait_until,
+    write_vault_yaml,
+)
 from tests.support.trees import assert_trees_equal
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
@@ -79,19 +85,6 @@ def _check_copy(replica_dir: Path, work: Path, acknowledged: list[int], *, sync:
         missing = sorted(set(acknowledged) - set(ids))
         assert not missing, f"sync mode lost acknowledged commits: {missing[:10]} ({len(missing)})"
     return len(ids)
-
-
-@pytest.fixture
-def secret(tmp_path: Path) -> Path:
-    p = tmp_path / "secret"
-    p.write_text(os.urandom(16).hex() + "\n")
-    return p
-
-
-@pytest.fixture
-def target(tmp_path: Path, secret: Path):
-    with serving(tmp_path / "target", secret, workdir=tmp_path, port=free_port()) as s:
-        yield s
 
 
 def _vault(tmp_path: Path, secret: Path, target: Serve, mode: str, on_timeout: str = "degrade") -> Path:

@@ -9,23 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemons import Serve, free_port, mounted, serving, wait_until, write_vault_yaml
+from tests.support.daemons import (
+    Serve,
+    mounted,
+    wait_until,
+    write_vault_yaml,
+)
 from tests.support.trees import assert_trees_equal
 
 pytestmark = pytest.mark.fuse
-
-
-@pytest.fixture
-def secret(tmp_path: Path) -> Path:
-    p = tmp_path / "secret"
-    p.write_text(os.urandom(16).hex() + "\n")
-    return p
-
-
-@pytest.fixture
-def target(tmp_path: Path, secret: Path):
-    with serving(tmp_path / "target", secret, workdir=tmp_path, port=free_port()) as s:
-        yield s
 
 
 def _vault(tmp_path: Path, secret: Path, target: Serve, **t) -> Path:

@@ -12,31 +12,23 @@ import os
 import random
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from octofs.state import mark_needs_resync
-from tests.support.daemons import Serve, free_port, mounted, run_octofs, serving, wait_until, write_vault_yaml
+from tests.support.daemons import (
+    Serve,
+    mounted,
+    run_octofs,
+    serving,
+    wait_until,
+    write_vault_yaml,
+)
 from tests.support.planted import PLANTED_PHRASES, make_tree, plant_differences
 from tests.support.trees import assert_trees_equal, tree_snapshot
 
 pytestmark = pytest.mark.fuse
-
-
-@pytest.fixture
-def secret(tmp_path: Path) -> Path:
-    path = tmp_path / "secret"
-    path.write_text(os.urandom(16).hex() + "\n")
-    path.chmod(0o600)
-    return path
-
-
-@pytest.fixture
-def target(tmp_path: Path, secret: Path) -> Iterator[Serve]:
-    with serving(tmp_path / "target", secret, workdir=tmp_path, port=free_port()) as s:
-        yield s
 
 
 def vault_yaml(tmp_path: Path, secret: Path, targets: dict[str, str], **extra) -> Path:
@@ -286,7 +278,6 @@ def test_primary_sigkilled_converges_without_a_full_scan(tmp_path: Path, secret:
     backing.mkdir()
     make_tree(backing, {f"quiet/d{i:02d}/f{j:02d}": b"still\n" * 50 for i in range(40) for j in range(50)})
     yml = vault_yaml(tmp_path, secret, {"t1": target.address_str})
-    rng = random.Random(11)
     with mounted(yml) as m:
         m.wait_synced(timeout=120)  # first contact: the 2,000 quiet files are verified once here
         assert sync_job(m)["state"] == "done" and sync_job(m)["repair_bytes"] >= 2000 * 300
