@@ -28,6 +28,7 @@ Invariants:
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
@@ -276,23 +277,14 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
             await self._replicated(seq)
 
     async def _sync_both(self, sync_backing: Callable[[], None], seq: int) -> None:
-        """fsync the backing file and the journal (up to ``seq``) side by side, in threads.
-
-        Errors come out of the nursery as an exception group; the handler must raise
-        a plain FUSEError (anything else ends the mount), so the first one is re-raised.
-        """
+        """fsync the backing file, then the journal up to ``seq``, in one worker thread
+        (``Recorder.sync_with``); then, with sync targets, wait for their acks (invariant 3)."""
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(run_in_worker, _passthrough, sync_backing)
-                await self._wait_durable(seq)
-        except BaseExceptionGroup as group:
-            fuse_errors = group.subgroup(FUSEError)
-            if fuse_errors is None:
-                raise
-            first = fuse_errors.exceptions[0]
-            while isinstance(first, BaseExceptionGroup):
-                first = first.exceptions[0]
-            raise first from None
+            await self.recorder.sync_with(seq, functools.partial(_passthrough, sync_backing))
+        except JournalError:
+            raise FUSEError(errno.EIO) from None
+        if self._replicated is not None:
+            await self._replicated(seq)
 
     def _keep_journaled(self, node: Node | None) -> None:
         """``node`` just lost a name; if it has no known name left but is open and still linked, adopt a name.
