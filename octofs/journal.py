@@ -23,13 +23,14 @@ Invariants:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from octofs.codec import encode_record
 from octofs.errors import JournalError, JournalFullError, JournalIOError
@@ -703,11 +704,22 @@ class JournalReader:
             same vault id as the first one read.
     """
 
-    def __init__(self, journal_dir: Path, *, vault_id: bytes | None = None) -> None:
+    def __init__(self, journal_dir: Path, *, vault_id: bytes | None = None, keep_open: bool = False) -> None:
         self._dir = Path(journal_dir)
         self._vault_id = vault_id
         # (segment path, inode, offset of a record boundary, seq of the record there)
         self._resume: tuple[Path, int, int, int] | None = None
+        # keep_open (a tailer such as the shipper): the newest segment read stays open with its
+        # scan state, and the next call reads on from there without listing the directory or
+        # opening the file again (measured ≈ 100 µs a call saved; docs/PERFORMANCE.md).
+        self._keep_open = keep_open
+        self._tail: tuple[Path, int, BinaryIO, ScanState] | None = None
+
+    def close(self) -> None:
+        """Close the segment kept open (``keep_open``); the reader stays usable."""
+        if self._tail is not None:
+            self._tail[2].close()
+            self._tail = None
 
     def raw_records(self, start_seq: int = 1) -> Iterator[tuple[int, bytes]]:
         """Like ``records``, but yield ``(seq, payload)``: the record payload exactly as journaled, not decoded.
@@ -740,6 +752,24 @@ class JournalReader:
         return self._scan(start_seq, raw=False)
 
     def _scan(self, start_seq: int, *, raw: bool) -> Iterator:
+        tail = self._tail
+        if tail is not None:
+            path, ino, f, state = tail
+            if state.next_seq <= start_seq:
+                # Read on in the segment kept open. A clean end of it with no newer segment is
+                # the end for now; damage (maybe an append in progress), or a newer segment
+                # (the writer moved on), goes to the full scan below, which resumes from here.
+                state.damage = None
+                f.seek(state.end)
+                for item in iter_raw(f, path, state) if raw else iter_records(f, path, state):
+                    self._resume = (path, ino, state.end, state.next_seq)
+                    seq = item[0] if raw else item.seq
+                    if seq >= start_seq:
+                        start_seq = seq + 1
+                        yield item
+                if state.damage is None and not os.path.exists(segment_path(self._dir, state.next_seq)):
+                    return
+            self.close()
         segs = list_segments(self._dir)
         if not segs:
             return
@@ -761,7 +791,9 @@ class JournalReader:
                 ) from None
             except OSError as exc:
                 raise JournalError(path=seg.path, reason=exc.strerror or str(exc)) from exc
-            with f:
+            keep = self._keep_open and k == len(segs) - 1
+            with contextlib.ExitStack() as closing:
+                closing.callback(f.close)
                 header = parse_header(f.read(HEADER_SIZE), seg.path)
                 if isinstance(header, str):
                     self._end_or_corrupt(segs, k, 0, header, (next_seq or seg.first_seq) - 1)
@@ -778,6 +810,10 @@ class JournalReader:
                     if resume[3] <= start_seq:
                         state = ScanState(resume[2], resume[3])
                 f.seek(state.end)
+                if keep:  # the newest segment stays open for the next call (keep_open)
+                    self.close()
+                    self._tail = (seg.path, ino, f, state)
+                    closing.pop_all()
                 if raw:
                     for item in iter_raw(f, seg.path, state):
                         self._resume = (seg.path, ino, state.end, state.next_seq)

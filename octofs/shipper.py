@@ -24,6 +24,7 @@ never silently.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -597,9 +598,13 @@ class Shipper:
         raise _ForwardingOff()
 
     async def _send_loop(self, stream: trio.abc.Stream, send_lock: trio.Lock) -> None:
+        # keep_open: the live segment stays open between batches (no listing and re-opening per batch).
+        with contextlib.closing(JournalReader(self._journal_dir, keep_open=True)) as reader:
+            await self._send_from(reader, stream, send_lock)
+
+    async def _send_from(self, reader: JournalReader, stream: trio.abc.Stream, send_lock: trio.Lock) -> None:
         recorder = self._recorder
         writer = recorder.writer
-        reader = JournalReader(self._journal_dir)
         next_seq = self.acked_seq + 1
         self._set_sent(self.acked_seq)
         held: collections.deque = collections.deque()  # read past the durable point; sent later
