@@ -8,6 +8,12 @@ and the table shows medians and the ratio octofs/native from the same run.
 The native runs use a plain directory beside the vault's backing dir, on the same
 filesystem (octofs owns its backing dir, so the benchmark does not write into it).
 
+A third side, the reference (``--no-passthrough`` skips it): scripts/refpassthrough.py,
+a plain pure-Python pyfuse3 passthrough with the same mount options and kernel settings
+as octofs and real fsyncs, but nothing journaled or shipped, mounted over its own
+directory beside the others and interleaved with them. Its column shows what any Python
+FUSE file system reaches on this machine; "octofs/pt" is octofs (async) / passthrough.
+
 Databases: SQLite in WAL mode (synchronous=FULL) and in rollback mode (DELETE,
 synchronous=EXTRA), one row per transaction; and pgbench: PostgreSQL (Debian's
 package, run as the postgres user on a Unix socket) with its data directory on the
@@ -495,6 +501,55 @@ class Octofs:
         return problems
 
 
+class Passthrough:
+    """The reference: scripts/refpassthrough.py (a plain pyfuse3 passthrough, nothing journaled or
+    shipped, mounted like octofs) over ``work/backing`` on ``work/mnt``."""
+
+    def __init__(self, work: Path) -> None:
+        self.work, self.backing, self.mnt = work, work / "backing", work / "mnt"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        for d in (self.backing, self.mnt):
+            d.mkdir(parents=True, exist_ok=True)
+        ready = self.work / "ready.json"
+        with open(self.work / "refpassthrough.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(REPO / "scripts" / "refpassthrough.py"), str(self.backing), str(self.mnt),
+                 "--ready-file", str(ready), "--allow-other"],  # allow_other: pgbench's server is the postgres user
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=_env(), cwd="/")
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"refpassthrough exited with {self.proc.returncode}; "
+                                   f"see {self.work}/refpassthrough.log")
+            if time.monotonic() > deadline:
+                raise RuntimeError("refpassthrough not ready after 30 s")
+            time.sleep(0.05)
+
+    def stop(self) -> list[str]:
+        """Unmount (the process then exits by itself); terminate, kill and lazy-unmount as the fallback."""
+        problems = []
+        if self.proc is None:
+            return problems
+        res = subprocess.run(["fusermount3", "-u", str(self.mnt)], check=False, capture_output=True, text=True)
+        if res.returncode != 0 and self.proc.poll() is None:
+            problems.append(f"fusermount3 -u {self.mnt}: {res.stderr.strip()}")
+            self.proc.terminate()  # its SIGTERM handler unmounts
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            problems.append("refpassthrough did not exit within 30 s of its unmount")
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        if os.path.ismount(self.mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False, capture_output=True)
+            problems.append(f"{self.mnt} was still mounted")
+        if self.proc.returncode not in (0, None):
+            problems.append(f"refpassthrough exited with {self.proc.returncode}; see {self.work}/refpassthrough.log")
+        return problems
+
+
 # -- replication lag and memory ---------------------------------------------------------------------
 
 
@@ -674,6 +729,8 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, help="where to put everything (default: a new temp dir, removed)")
     ap.add_argument("--keep", action="store_true", help="keep the workdir (logs, journal) afterwards")
     ap.add_argument("--no-fio", action="store_true", help="use the Python workloads even if fio is installed")
+    ap.add_argument("--no-passthrough", action="store_true",
+                    help="skip the reference side (scripts/refpassthrough.py, a plain pyfuse3 passthrough)")
     ap.add_argument("--wan", action="store_true",
                     help="instead: replication over shaped links in network namespaces (compress, bandwidth, "
                          "delay + loss; scripts/bench_wan.py)")
@@ -687,7 +744,7 @@ def main() -> int:
     global FIO
     FIO = None if args.no_fio else shutil.which("fio")
     console = Console(stderr=args.json)
-    console.width = max(console.width, 130)  # keep the table's columns readable on narrow/piped output
+    console.width = max(console.width, 160)  # keep the table's columns readable on narrow/piped output
     if args.reps < 1:
         ap.error("--reps must be at least 1")
     by_name = {w.name: w for w in WORKLOADS}
@@ -720,23 +777,30 @@ def main() -> int:
     fs = Octofs(work / "async")
     use_sync = not args.no_sync and any(w.fsyncs for w in workloads)
     fs_sync = Octofs(work / "sync", mode="sync") if use_sync else None
-    results = {w.name: {"unit": w.unit, "native": [], "octofs": [], "sync": [], "wait_synced_s": [],
-                        "wire_bytes": [], "written_bytes": []} for w in workloads}
+    pt = None if args.no_passthrough else Passthrough(work / "passthrough")
+    results = {w.name: {"unit": w.unit, "native": [], "octofs": [], "sync": [], "passthrough": [],
+                        "wait_synced_s": [], "wire_bytes": [], "written_bytes": []} for w in workloads}
     ok = False
     try:
         console.print(f"octofs bench: workdir {work}; {args.reps} rep(s); sizes {sizes}")
         fs.start()
         if fs_sync is not None:
             fs_sync.start()
+        if pt is not None:
+            pt.start()
         idle_cli = [fs.wait_synced() for _ in range(3)]
         for rep in range(args.reps):
             for wl in workloads:
                 r = results[wl.name]
-                sides = ["native", "octofs"] + (["sync"] if fs_sync is not None and wl.fsyncs else [])
+                sides = (["native", "octofs"] + (["passthrough"] if pt is not None else [])
+                         + (["sync"] if fs_sync is not None and wl.fsyncs else []))
                 shift = rep % len(sides)  # rotate which side goes first
                 for side in sides[shift:] + sides[:shift]:
                     if side == "native":
                         r["native"].append(run_once(wl, native_dir, sizes))
+                        continue
+                    if side == "passthrough":
+                        r["passthrough"].append(run_once(wl, pt.mnt, sizes))
                         continue
                     if side == "sync":
                         fs_sync.wait_synced()
@@ -755,6 +819,7 @@ def main() -> int:
                     shutil.rmtree(d)
                 console.print(f"  rep {rep + 1}/{args.reps} {wl.name}: native {r['native'][-1]:,.1f}, "
                               f"octofs {r['octofs'][-1]:,.1f}"
+                              + (f", passthrough {r['passthrough'][-1]:,.1f}" if r["passthrough"] else "")
                               + (f", octofs sync {r['sync'][-1]:,.1f}" if r["sync"] else "") + f" {wl.unit}")
         fs.wait_synced()
         lag = measure_lag(fs, *((1.0, 200.0) if args.quick else (10.0, 1000.0)))
@@ -770,7 +835,8 @@ def main() -> int:
                       f"{rss['rss_before_mib']:.0f} MiB, peak while it caught up {rss['rss_peak_catch_up_mib']:.0f} MiB")
         ok = True
     finally:
-        problems = fs.stop() + (fs_sync.stop() if fs_sync is not None else [])
+        problems = (fs.stop() + (fs_sync.stop() if fs_sync is not None else [])
+                    + (pt.stop() if pt is not None else []))
         for p in problems:
             console.print(f"[red]{p}[/red]")
         if problems:
@@ -803,12 +869,18 @@ def main() -> int:
             "wait_synced_s_samples": r["wait_synced_s"],
             "wire_bytes_per_byte_written": (sum(r["wire_bytes"]) / written) if written else None,
             "wire_bytes_samples": r["wire_bytes"], "written_bytes_samples": r["written_bytes"],
+            # the reference, scripts/refpassthrough.py (None with --no-passthrough): passthrough/native,
+            # and octofs (async) / passthrough, the share of a plain Python FUSE passthrough octofs reaches
+            "passthrough_median": statistics.median(r["passthrough"]) if r["passthrough"] else None,
+            "passthrough_ratio": statistics.median(r["passthrough"]) / nat if r["passthrough"] else None,
+            "octofs_pt_ratio": octo / statistics.median(r["passthrough"]) if r["passthrough"] else None,
+            "passthrough_samples": r["passthrough"],
         }
 
     table = Table(title=f"octofs vs native, medians of {args.reps} (targets on 127.0.0.1: "
-                        "'octofs' async, 'sync' in sync mode)")
+                        "'octofs' async, 'sync' in sync mode; 'passthrough' the reference)")
     for col in ("workload", "unit", "native", "octofs", "ratio", "sync", "sync ratio", "wait-synced s",
-                "wire B/B"):
+                "wire B/B", "passthrough", "octofs/pt"):
         table.add_column(col, justify="left" if col in ("workload", "unit") else "right")
     for name, w in doc["workloads"].items():
         wire = w["wire_bytes_per_byte_written"]
@@ -816,11 +888,16 @@ def main() -> int:
                       f"{w['ratio']:.3f}",
                       "-" if w["sync_median"] is None else f"{w['sync_median']:,.1f}",
                       "-" if w["sync_ratio"] is None else f"{w['sync_ratio']:.3f}",
-                      f"{w['wait_synced_s_median']:.2f}", "-" if wire is None else f"{wire:.2f}")
+                      f"{w['wait_synced_s_median']:.2f}", "-" if wire is None else f"{wire:.2f}",
+                      "-" if w["passthrough_median"] is None else f"{w['passthrough_median']:,.1f}",
+                      "-" if w["octofs_pt_ratio"] is None else f"{w['octofs_pt_ratio']:.3f}")
     console.print(table)
     console.print(f"wait-synced s includes the CLI's start-up: an idle `octofs status --wait-synced` takes "
                   f"{doc['idle_wait_synced_s']:.2f} s. sync: a second mount whose target is in sync mode "
                   "(fsync-heavy workloads). wire B/B: target bytes_sent / bytes passed to write(). "
+                  + ("passthrough: scripts/refpassthrough.py, a plain pyfuse3 passthrough mounted like octofs "
+                     "(real fsyncs, nothing journaled or shipped); octofs/pt: octofs async / passthrough, the "
+                     "share of what a Python FUSE file system reaches here. " if pt is not None else "")
                   + ("fio: the block-I/O workloads are fio jobs." if FIO else "fio: not installed or --no-fio, "
                      "the block-I/O workloads are Python loops."))
     console.print(f"replication lag (async target, {lag['writes']} writes at {lag['writes_per_s']:,.0f}/s, "

@@ -64,11 +64,17 @@ def test_bench_quick_json(public_tmp: Path) -> None:
         assert len(w["native_samples"]) == len(w["octofs_samples"]) == 1, name
         assert all(x > 0 for x in w["native_samples"] + w["octofs_samples"]), name
         assert w["wire_bytes_per_byte_written"] > 0, (name, w)
+        # The reference (scripts/refpassthrough.py) ran interleaved with the others, every workload.
+        assert len(w["passthrough_samples"]) == 1 and w["passthrough_samples"][0] > 0, (name, w)
+        for key in ("passthrough_median", "passthrough_ratio", "octofs_pt_ratio"):
+            assert w[key] > 0, (name, key, w)
+        assert w["octofs_pt_ratio"] == pytest.approx(w["octofs_median"] / w["passthrough_median"]), (name, w)
         if name in FSYNCING:
             assert w["sync_median"] > 0 and w["sync_ratio"] > 0 and len(w["sync_samples"]) == 1, (name, w)
         else:
             assert w["sync_median"] is None and w["sync_samples"] == [], (name, w)
     assert "octofs vs native" in res.stderr  # the table still goes to stderr
+    assert "passthrough" in res.stderr and "octofs/pt" in res.stderr  # the reference's columns
     lag = doc["lag"]  # every probe write reached the target, each lag measured
     assert lag["missing"] == 0 and lag["writes"] > 0, lag
     assert 0 <= lag["p50_ms"] <= lag["p99_ms"] <= lag["max_ms"], lag
@@ -80,4 +86,7 @@ def test_bench_quick_json(public_tmp: Path) -> None:
         assert not os.path.ismount(work / side / "mnt"), side
         serve_pid = json.loads((work / side / "serve-ready.json").read_text())["pid"]
         assert not Path(f"/proc/{serve_pid}").exists(), f"octofs serve ({side}) still running"
+    pt_pid = json.loads((work / "passthrough" / "ready.json").read_text())["pid"]
+    assert not os.path.ismount(work / "passthrough" / "mnt")
+    assert not Path(f"/proc/{pt_pid}").exists(), "refpassthrough still running"
     assert not any(str(work) in line for line in Path("/proc/mounts").read_text().splitlines())
