@@ -311,16 +311,25 @@ def encode_record(rec: Record) -> bytes:
         OpError: the op is invalid, the seq or time is out of range, or the payload would exceed
             ``MAX_PAYLOAD_BYTES``.
     """
-    op = rec.op
+    return encode_payload(rec.seq, rec.time_ns, rec.op)
+
+
+def encode_payload(seq: int, time_ns: int, op: Op) -> bytes:
+    """``encode_record(Record(seq, time_ns, op))``, the same bytes, without building the Record.
+
+    For the journal's append, once per FUSE request: a frozen dataclass costs ≈ 0.9 µs to build.
+
+    Raises:
+        The same errors as ``encode_record``.
+    """
     encoder = _ENCODERS.get(type(op))
     if encoder is None:
         raise OpError(reason=f"unknown op type {type(op).__name__}")
     if not _valid_hot(op):
         validate(op)
-    seq, time_ns = rec.seq, rec.time_ns
-    if not _is_int(seq) or not 1 <= seq <= _U64_MAX:
+    if type(seq) is not int or not 1 <= seq <= _U64_MAX:  # type() is: excludes bool
         raise OpError(reason=f"seq must be an integer in 1..2**64-1, got {seq!r}")
-    if not _is_int(time_ns):
+    if type(time_ns) is not int:
         raise OpError(reason=f"time_ns must be an integer, got {time_ns!r}")
     try:
         payload = _PACKER.pack(encoder(seq, time_ns, op))

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from octofs.codec import encode_record
+from octofs.codec import encode_payload
 from octofs.errors import JournalError, JournalFullError, JournalIOError
 from octofs.ops import Op, Record
 from octofs.paths import segment_path
@@ -461,28 +461,33 @@ class JournalWriter:
                 the last whole record and ``last_seq`` is unchanged; a later append may succeed.
             JournalIOError: any other OSError (same cut-back), or the writer has failed.
         """
-        self._check_usable()
+        # Once per FUSE request: the checks are inlined where the common case needs no call.
+        if self._closed or self.failed is not None:
+            self._check_usable()
         seq = self.last_seq + 1
-        payload = encode_record(Record(seq, time.time_ns() if time_ns is None else time_ns, op))
-        data = frame_record(payload)
+        data = frame_record(encode_payload(seq, time.time_ns() if time_ns is None else time_ns, op))
+        size = len(data)
         rotate = (
             self._fd is None
             or self._need_new_segment
-            or (self._seg_first <= self.last_seq and self._seg_size + len(data) > self._max_segment_bytes)
+            or (self._seg_first <= self.last_seq and self._seg_size + size > self._max_segment_bytes)
         )
-        self._check_room(len(data) + (HEADER_SIZE if rotate else 0))
+        if self._max_total_bytes is not None:
+            self._check_room(size + (HEADER_SIZE if rotate else 0))
         if rotate:
             self._start_segment(seq)
         fd = self._fd
         assert fd is not None and self._seg_path is not None
         offset = self._seg_size
         try:
-            _pwrite_all(fd, data, offset)
+            written = os.pwrite(fd, data, offset)
+            if written != size:  # a short write (rare on a regular file): write the rest
+                _pwrite_all(fd, memoryview(data)[written:], offset + written)
         except OSError as exc:
             self._cut_back(fd, self._seg_path, offset)
             raise _append_error(exc, self._seg_path) from exc
-        self._seg_size = offset + len(data)
-        self._total_bytes += len(data)
+        self._seg_size = offset + size
+        self._total_bytes += size
         self.last_seq = seq
         if not self._dirty or self._dirty[-1] != fd:
             self._dirty.append(fd)
