@@ -26,6 +26,7 @@ slot is stored with length 0xFFFF, meaning "unknown: compare everything").
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import os
@@ -41,6 +42,8 @@ SLOT_BYTES = 8192
 _HEADER = struct.Struct("<8sIIB7x16sQ")
 HEADER_BYTES = 64
 _SLOT_HEAD = struct.Struct("<QHHI")
+_COUNTER = struct.Struct("<Q")  # the header's next slot counter, its last field
+_COUNTER_AT = _HEADER.size - _COUNTER.size
 TOO_LONG = 0xFFFF
 _MAX_PATHS_BYTES = SLOT_BYTES - _SLOT_HEAD.size
 # Entries this close below the recovered last seq are re-compared too: a handler may
@@ -88,9 +91,20 @@ class IntentRing:
 
     def note(self, seq: int, *paths: bytes | None) -> None:
         """Before a change's syscall: it is about to touch ``paths``; its first op will be ``seq``."""
+        counter = self._counter
+        slot = HEADER_BYTES + (counter % SLOTS) * SLOT_BYTES
+        self._counter = counter = counter + 1
+        if len(paths) == 1 and paths[0] is not None:
+            # The common case (a write, a setattr...): one path, slot head and path in one pack.
+            path = paths[0]
+            n = len(path)
+            if n <= _MAX_PATHS_BYTES:
+                _one_path_slot(n).pack_into(self._mm, slot, seq, n, 0, 0, path)
+            else:
+                _SLOT_HEAD.pack_into(self._mm, slot, seq, TOO_LONG, 0, 0)
+            _COUNTER.pack_into(self._mm, _COUNTER_AT, counter)
+            return
         real = [p for p in paths if p is not None]
-        slot = HEADER_BYTES + (self._counter % SLOTS) * SLOT_BYTES
-        self._counter += 1
         lengths = [len(p) for p in real[:2]] + [0] * (2 - len(real[:2]))
         if sum(lengths) > _MAX_PATHS_BYTES:
             _SLOT_HEAD.pack_into(self._mm, slot, seq, TOO_LONG, 0, 0)
@@ -100,7 +114,7 @@ class IntentRing:
             for p in real[:2]:
                 self._mm[at:at + len(p)] = p
                 at += len(p)
-        struct.pack_into("<Q", self._mm, _HEADER.size - 8, self._counter)
+        _COUNTER.pack_into(self._mm, _COUNTER_AT, counter)
 
     def close(self, *, clean: bool) -> None:
         if self._mm.closed:
@@ -110,6 +124,12 @@ class IntentRing:
             self._mm.flush()
         self._mm.close()
         os.close(self._fd)
+
+
+@functools.lru_cache(maxsize=256)
+def _one_path_slot(length: int) -> struct.Struct:
+    """A slot head followed by one path of ``length`` bytes: the same bytes as ``_SLOT_HEAD`` then the path."""
+    return struct.Struct(f"<QHHI{length}s")
 
 
 def _left_over(mm: mmap.mmap, last_seq: int, boot_id: bytes) -> list[bytes] | None:

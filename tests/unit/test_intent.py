@@ -65,3 +65,26 @@ def test_a_damaged_ring_means_everything(tmp_path: Path):
     os.truncate(p, 100)
     _, paths = IntentRing.open(p, last_seq=0, boot_id=BOOT)
     assert paths is None
+
+
+def test_slot_layout_of_one_two_and_no_paths(tmp_path: Path):
+    # The layout of the module docstring, byte for byte: u64 seq, u16 len1, u16 len2, u32 0, the paths.
+    p = tmp_path / "intent"
+    ring, _ = IntentRing.open(p, last_seq=0, boot_id=BOOT)
+    ring.note(3, b"a/b")
+    ring.note(4, b"src", b"dst/x")
+    ring.note(5, None, b"only")
+    ring.note(6, None)
+    ring.note(7, b"z" * 8180)  # one path too long for its slot
+    ring.close(clean=False)
+    raw = p.read_bytes()
+    slot = [raw[64 + i * 8192:64 + (i + 1) * 8192] for i in range(5)]
+    le = lambda n, size: n.to_bytes(size, "little")  # noqa: E731
+    assert slot[0][:19] == le(3, 8) + le(3, 2) + le(0, 2) + le(0, 4) + b"a/b"
+    assert slot[1][:24] == le(4, 8) + le(3, 2) + le(5, 2) + le(0, 4) + b"srcdst/x"
+    assert slot[2][:20] == le(5, 8) + le(4, 2) + le(0, 2) + le(0, 4) + b"only"
+    assert slot[3][:16] == le(6, 8) + bytes(8)
+    assert slot[4][:16] == le(7, 8) + le(0xFFFF, 2) + bytes(6)
+    assert raw[40:48] == le(5, 8)  # the next slot counter, the header's last field
+    _, paths = IntentRing.open(p, last_seq=0, boot_id=BOOT)
+    assert paths is None  # the too-long path: compare everything
