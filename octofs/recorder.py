@@ -19,11 +19,9 @@ Invariants:
 from __future__ import annotations
 
 import bisect
-import functools
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
 
 import trio
 
@@ -31,10 +29,9 @@ from octofs.errors import JournalError
 from octofs.intent import IntentRing
 from octofs.journal import JournalWriter
 from octofs.ops import FsyncOp, Op
+from octofs.threads import run_in_worker
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 INDEX_INTERVAL_NS = 100_000_000
 # How long a wait_durable that no barrier needs waits for a flush it can share
@@ -303,21 +300,3 @@ def _file_then_journal(sync_file: Callable[[], None], ticket) -> None:
         sync_file()
     finally:
         JournalWriter.run_sync(ticket)
-
-
-async def run_in_worker(fn: Callable[..., T], *args: Any) -> T:
-    """Run the blocking ``fn(*args)`` in a worker thread; return its result or raise its exception.
-
-    For the fsyncs of the per-request path (docs/CONCURRENCY.md §3): half the cost of
-    ``trio.to_thread.run_sync`` (measured ≈ 60 µs against ≈ 120 µs a call: no capacity limiter
-    with its extra checkpoint, no thread renaming, no context copy). Not cancellable: once
-    started, the caller waits for it to finish, as an fsync has to run to its end anyway.
-    """
-    task = trio.lowlevel.current_task()
-    token = trio.lowlevel.current_trio_token()
-
-    def deliver(result: Any) -> None:  # in the worker: hand the outcome back to the waiting task
-        token.run_sync_soon(trio.lowlevel.reschedule, task, result)
-
-    trio.lowlevel.start_thread_soon(functools.partial(fn, *args), deliver)
-    return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)

@@ -47,7 +47,14 @@ import trio
 
 from octofs import codec, compression, probe, protocol, state
 from octofs.control import serve_control
-from octofs.errors import DaemonError, OpError, PeerCertificateError, PeerEpochError, PeerError, ProtocolError
+from octofs.errors import (
+    DaemonError,
+    OpError,
+    PeerCertificateError,
+    PeerEpochError,
+    PeerError,
+    ProtocolError,
+)
 from octofs.freeze import FreezeGate, Freezer
 from octofs.link import accept_tls
 from octofs.ops import Record
@@ -59,6 +66,7 @@ from octofs.replica import (
     known_vaults,
     vault_state_dir,
 )
+from octofs.threads import run_in_worker
 
 log = logging.getLogger(__name__)
 
@@ -427,7 +435,7 @@ class TargetServer:
                                    f"target's epoch {replica.epoch}: that primary is stale (a failover happened)")
                 records = _decode_batch(msg, peer)
                 try:
-                    await trio.to_thread.run_sync(_apply_all, replica, records)
+                    await run_in_worker(_apply_all, replica, records)
                 except OpError as exc:
                     raise _Refused("apply", exc.message, logging.ERROR) from None
                 except ProtocolError as exc:  # a seq gap
@@ -437,8 +445,10 @@ class TargetServer:
                 slot.op_bytes_received += batch_bytes
                 now = trio.current_time()
                 waiting = slot.freeze.held_frames > 0 or _more_waiting(stream, decoder)  # frames held by a freeze too
-                if (not waiting or since_durable_bytes >= DURABLE_EVERY_BYTES
+                if replica.applied_seq > replica.durable_seq and (
+                        not waiting or since_durable_bytes >= DURABLE_EVERY_BYTES
                         or now - last_durable >= DURABLE_EVERY_S):
+                    # (Nothing to do after a batch that ended with a barrier: no thread hop for it.)
                     await _make_durable(replica)
                     since_durable_bytes = 0
                     last_durable = now
@@ -452,7 +462,7 @@ class TargetServer:
                     # (_more_waiting) must not stay unacked until the next batch, which may never come.
                     await _make_durable(replica)
                 elif replica.unsettled:
-                    await trio.to_thread.run_sync(replica.settle)  # durable and quiet: a power cut costs nothing
+                    await run_in_worker(replica.settle)  # durable and quiet: a power cut costs nothing
                 acked = replica.durable_seq
                 await _send(stream, protocol.Ack(acked))
             elif isinstance(msg, protocol.Error):
@@ -596,7 +606,7 @@ def _repair_all(replica: Replica, records: list[Record]) -> None:
 
 async def _make_durable(replica: Replica) -> int:
     try:
-        return await trio.to_thread.run_sync(replica.make_durable)
+        return await run_in_worker(replica.make_durable)
     except OpError as exc:
         raise _Refused("apply", exc.message, logging.ERROR) from None
 

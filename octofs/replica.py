@@ -23,7 +23,10 @@ Invariants:
 - **Barriers (invariant 2).** An FsyncOp is followed by ``make_durable()`` before
   ``apply_record`` returns, so nothing after a barrier is applied before everything
   up to it is durable. ``make_durable`` runs ``syncfs`` *before* it writes
-  ``position``: the durable seq is never on disk ahead of the data it names.
+  ``position``: the durable seq is never on disk ahead of the data it names —
+  except while "touched: unknown" is durable (a busy barrier), when the new
+  durable seq is written just before the ``syncfs`` that makes it durable: a power
+  cut then marks the vault ``needs_resync`` whatever the durable seq says.
 - **Confinement (invariant 5).** Ops go through ``apply.apply_op`` relative to an fd
   of ``ROOT/NAME`` opened with ``O_NOFOLLOW``; the few look-ups made here (crash
   tolerance) walk the path the same way, never following a symlink.
@@ -58,7 +61,7 @@ the page cache, which survives a kill of this process but not of the machine.
   ``fdatasync`` of a 16-byte file per durable point.
 
 Thread use: one thread at a time calls the mutating methods (the replayer runs at
-most one connection per vault and calls them through ``trio.to_thread``); reading
+most one connection per vault and calls them in a worker thread (``threads.run_in_worker``)); reading
 the plain attributes from another thread is fine.
 """
 
@@ -472,8 +475,17 @@ class Replica:
             return self.durable_seq
         assert self._fd is not None
         try:
-            apply.barrier(self._fd)  # first the data ...
-            self._write_position(self.applied_seq, touched)  # ... then the seq that names it
+            if touched == UNKNOWN_SEQ and self._touched == UNKNOWN_SEQ:
+                # "touched: unknown" is already durable, and stays: the new durable seq rides on the
+                # barrier's own flush instead of one of its own (one device flush less per barrier).
+                # Until the flush returns the disk may hold the old or the new durable seq; either
+                # way, with touched unknown, a power cut marks the vault needs_resync, so a durable
+                # seq ahead of its data is never resumed from (module docstring, machine went down).
+                self._write_position(self.applied_seq, UNKNOWN_SEQ, flush=False)
+                apply.barrier(self._fd)
+            else:
+                apply.barrier(self._fd)  # first the data ...
+                self._write_position(self.applied_seq, touched)  # ... then the seq that names it
         except OSError as exc:
             self._fail(f"cannot make seq {self.applied_seq} durable: {exc.strerror or exc}", exc)
         self.durable_seq = self.applied_seq
@@ -492,11 +504,12 @@ class Replica:
             except OSError as exc:
                 self._fail(f"cannot record the durable position: {exc.strerror or exc}", exc)
 
-    def _write_position(self, durable: int, touched: int) -> None:
+    def _write_position(self, durable: int, touched: int, *, flush: bool = True) -> None:
         assert self._pos_fd is not None
         # 16 bytes at offset 0 of a file that is never shorter: one sector, no torn write.
         os.pwrite(self._pos_fd, _POSITION.pack(durable, touched), 0)
-        os.fdatasync(self._pos_fd)
+        if flush:
+            os.fdatasync(self._pos_fd)
         self._touched = touched
 
     def _fail(self, reason: str, cause: BaseException) -> NoReturn:

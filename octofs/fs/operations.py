@@ -60,7 +60,8 @@ from octofs.ops import (
     UnlinkOp,
     WriteOp,
 )
-from octofs.recorder import Recorder, run_in_worker
+from octofs.recorder import Recorder
+from octofs.threads import run_in_worker
 
 log = logging.getLogger(__name__)
 
