@@ -278,14 +278,33 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
             await self._replicated(seq)
 
     async def _sync_both(self, sync_backing: Callable[[], None], seq: int) -> None:
-        """fsync the backing file, then the journal up to ``seq``, in one worker thread
-        (``Recorder.sync_with``); then, with sync targets, wait for their acks (invariant 3)."""
+        """An application's fsync: the backing file and the journal up to ``seq`` durable and,
+        with sync targets, their durable acks (invariant 3).
+
+        Without sync targets: the backing file's fsync, then the journal's, in one worker
+        thread (``Recorder.sync_with``). With them, the journal first, so that the op can
+        leave for the targets at once; the backing file's fsync then runs while they
+        apply it (only journal-durable ops are shipped).
+        """
+        sync_file = functools.partial(_passthrough, sync_backing)
         try:
-            await self.recorder.sync_with(seq, functools.partial(_passthrough, sync_backing))
+            if self._replicated is None:
+                await self.recorder.sync_with(seq, sync_file)
+                return
+            await self.recorder.wait_durable(seq, urgent=True)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_in_worker, sync_file)
+                await self._replicated(seq)
         except JournalError:
             raise FUSEError(errno.EIO) from None
-        if self._replicated is not None:
-            await self._replicated(seq)
+        except BaseExceptionGroup as group:  # from the nursery: re-raise the backing file's FUSEError
+            fuse_errors = group.subgroup(FUSEError)
+            if fuse_errors is None:
+                raise
+            first = fuse_errors.exceptions[0]
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
 
     def _keep_journaled(self, node: Node | None) -> None:
         """``node`` just lost a name; if it has no known name left but is open and still linked, adopt a name.
@@ -656,13 +675,22 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         await self._admit()
         node = self._fh_node[fh]
         rel = self.inodes.path(node.ino)
-        self.recorder.intend(rel)
-        n = _passthrough(os.pwrite, fh, buf, off)
+        recorder = self.recorder
+        recorder.intend(rel)
+        # _passthrough and _record inlined: this runs once per application write().
+        try:
+            n = os.pwrite(fh, buf, off)
+        except OSError as exc:
+            raise FUSEError(exc.errno) from None
         if self._excluding:
             rel = self._jpath(node, rel)
         if rel is not None:
             mtime = os.fstat(fh).st_mtime_ns
-            seq = self._record(WriteOp(rel, off, bytes(buf[:n]) if n != len(buf) else bytes(buf), mtime))
+            data = buf if n == len(buf) and type(buf) is bytes else bytes(buf[:n])  # pyfuse3 passes bytes
+            try:
+                seq = recorder.record(WriteOp(rel, off, data, mtime))
+            except JournalError:
+                raise FUSEError(errno.EIO) from None  # as _record: the recorder went failsafe
             if self._fh_sync[fh]:
                 # A write on an O_SYNC/O_DSYNC file is a barrier: durable before it returns.
                 seq = self._record(FsyncOp(rel, datasync=True))
