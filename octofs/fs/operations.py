@@ -278,33 +278,14 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
             await self._replicated(seq)
 
     async def _sync_both(self, sync_backing: Callable[[], None], seq: int) -> None:
-        """An application's fsync: the backing file and the journal up to ``seq`` durable and,
-        with sync targets, their durable acks (invariant 3).
-
-        Without sync targets: the backing file's fsync, then the journal's, in one worker
-        thread (``Recorder.sync_with``). With them, the journal first, so that the op can
-        leave for the targets at once; the backing file's fsync then runs while they
-        apply it (only journal-durable ops are shipped).
-        """
-        sync_file = functools.partial(_passthrough, sync_backing)
+        """fsync the backing file, then the journal up to ``seq``, in one worker thread
+        (``Recorder.sync_with``); then, with sync targets, wait for their acks (invariant 3)."""
         try:
-            if self._replicated is None:
-                await self.recorder.sync_with(seq, sync_file)
-                return
-            await self.recorder.wait_durable(seq, urgent=True)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(run_in_worker, sync_file)
-                await self._replicated(seq)
+            await self.recorder.sync_with(seq, functools.partial(_passthrough, sync_backing))
         except JournalError:
             raise FUSEError(errno.EIO) from None
-        except BaseExceptionGroup as group:  # from the nursery: re-raise the backing file's FUSEError
-            fuse_errors = group.subgroup(FUSEError)
-            if fuse_errors is None:
-                raise
-            first = fuse_errors.exceptions[0]
-            while isinstance(first, BaseExceptionGroup):
-                first = first.exceptions[0]
-            raise first from None
+        if self._replicated is not None:
+            await self._replicated(seq)
 
     def _keep_journaled(self, node: Node | None) -> None:
         """``node`` just lost a name; if it has no known name left but is open and still linked, adopt a name.
