@@ -394,6 +394,35 @@ def test_reboot_while_replaying_needs_resync(root: Path, monkeypatch: pytest.Mon
     rep.close()
 
 
+def test_power_cut_during_a_barriers_flush_never_resumes_from_its_unflushed_seq(
+        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At a busy barrier the new durable seq is written before the syncfs that flushes it: if the
+    machine goes down during that flush, the disk may say "durable N" for data it lacks, but it
+    also says "touched: unknown", so the replica is marked for a Synchronize, never resumed at N."""
+    rep = open_replica(root)
+    apply_all(rep, SETUP)
+    rep.make_durable()
+    rep.settle()
+
+    class PowerCut(Exception):
+        pass
+
+    def barrier(fd: int) -> None:  # the machine goes down while syncfs flushes
+        raise PowerCut
+
+    n = len(SETUP)
+    rep.apply_record(rec(n + 1, create(b"z")))
+    monkeypatch.setattr(apply, "barrier", barrier)
+    with pytest.raises(PowerCut):
+        rep.apply_record(rec(n + 2, FsyncOp(b"z")))
+    assert position(root) == (n + 2, UNKNOWN_SEQ)  # the worst case: that write did reach the disk
+    kill(rep)
+    monkeypatch.setattr(replica_mod, "current_boot_id", lambda: b"another boot....")
+    rep = open_replica(root)
+    assert rep.needs_resync and "power cut" in rep.needs_resync
+    rep.close()
+
+
 def test_missing_replica_dir_with_state_needs_resync(root: Path) -> None:
     rep = open_replica(root)
     apply_all(rep, SETUP)
