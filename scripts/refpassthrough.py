@@ -17,7 +17,8 @@ behaviour depends on it (octofs/fs/mount.py, octofs/fs/operations.py):
     then the kernel stops sending it);
   * the mount's read-ahead raised to 1 MiB after INIT (as root);
   * fsync/fdatasync/fsyncdir really reach the backing file, in a worker thread
-    (one thread hop, so the loop keeps serving other requests meanwhile).
+    (one thread hop, so the loop keeps serving other requests meanwhile), as octofs's;
+    ``--fsync-in-loop`` makes them block the loop instead (not used by the bench).
 
 Design (my own, not taken from pyfuse3's example): every inode the kernel knows is
 held as an ``O_PATH`` fd on the backing object, and every syscall is made
@@ -120,7 +121,7 @@ class RefPassthrough(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_acl = True
 
-    def __init__(self, src: str, mnt: str, ready_file: str | None) -> None:
+    def __init__(self, src: str, mnt: str, ready_file: str | None, *, fsync_in_loop: bool = False) -> None:
         super().__init__()
         self.src, self.mnt, self.ready_file = src, mnt, ready_file
         root_fd = os.open(src, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -131,6 +132,7 @@ class RefPassthrough(pyfuse3.Operations):
         self.next_ino = pyfuse3.ROOT_INODE + 1
         self.dirs: dict[int, list[bytes]] = {}  # open directory fd -> names listed at start_id 0
         self.as_root = os.geteuid() == 0
+        self.fsync_in_loop = fsync_in_loop
 
     # -- start-up --------------------------------------------------------------------------------
 
@@ -208,6 +210,12 @@ class RefPassthrough(pyfuse3.Operations):
             os.fchown(fd, ctx.uid, gid)
         else:
             os.chown(name, ctx.uid, gid, dir_fd=parent_fd, follow_symlinks=False)
+
+    async def _sync(self, fn, fd: int) -> None:
+        if self.fsync_in_loop:
+            fn(fd)  # blocks every other request meanwhile; one thread hop less per fsync
+        else:
+            await in_worker(fn, fd)
 
     # -- names -----------------------------------------------------------------------------------
 
@@ -349,7 +357,7 @@ class RefPassthrough(pyfuse3.Operations):
 
     @oserror_to_fuse
     async def fsync(self, fh, datasync):
-        await in_worker(os.fdatasync if datasync else os.fsync, fh)
+        await self._sync(os.fdatasync if datasync else os.fsync, fh)
 
     # -- directories -----------------------------------------------------------------------------
 
@@ -380,7 +388,7 @@ class RefPassthrough(pyfuse3.Operations):
 
     @oserror_to_fuse
     async def fsyncdir(self, fh, datasync):
-        await in_worker(os.fsync, fh)
+        await self._sync(os.fsync, fh)
 
     # -- extended attributes: plain passthrough (none on symlinks) ---------------------------------
 
@@ -432,10 +440,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ready-file", help="written (JSON: pid, mountpoint) once the mount serves requests")
     ap.add_argument("--allow-other", action=argparse.BooleanOptionalAction, default=True,
                     help="let other users in (default on, as the bench's octofs mounts)")
+    ap.add_argument("--fsync-in-loop", action="store_true",
+                    help="fsync in the event loop instead of a worker thread (faster for one writer, "
+                         "stalls all other requests; octofs uses a worker thread)")
     args = ap.parse_args(argv)
     src, mnt = os.path.abspath(args.src), os.path.abspath(args.mnt)
     os.umask(0)  # the caller's umask arrives in ctx.umask and is applied per request
-    ops = RefPassthrough(src, mnt, args.ready_file and os.path.abspath(args.ready_file))
+    ops = RefPassthrough(src, mnt, args.ready_file and os.path.abspath(args.ready_file),
+                         fsync_in_loop=args.fsync_in_loop)
     options = {"fsname=" + src, "subtype=refpassthrough", "default_permissions"}
     if args.allow_other:
         options.add("allow_other")
