@@ -241,7 +241,7 @@ class Recorder:
                     self.fail(f"fsync of the journal failed: {exc}")
                     raise
 
-    async def sync_with(self, seq: int, sync_file: Callable[[], None]) -> None:
+    async def sync_with(self, seq: int, sync_file: Callable[[], None], *, inline: bool = False) -> None:
         """An application's fsync: run the blocking ``sync_file`` (the backing file's fsync), then
         make the journal durable up to ``seq``, one after the other in one worker thread.
 
@@ -253,6 +253,10 @@ class Recorder:
         docs/PERFORMANCE.md). If the journal is already durable up to ``seq`` (another
         fsync's group commit covered it), only ``sync_file`` runs, outside the lock.
         ``sync_file``'s exception propagates, after the journal fsync ran all the same.
+
+        ``inline``: run them in the event loop's own thread, blocking it, instead of a worker:
+        for an fsync that nothing else waits beside (the caller knows), the thread hop costs
+        more than the loop's idle time it buys (docs/CONCURRENCY.md §3).
         """
         writer = self.writer
         ticket = None
@@ -266,7 +270,10 @@ class Recorder:
             if ticket is not None:
                 with trio.CancelScope(shield=True):  # as in wait_durable: a taken ticket runs to its end
                     try:
-                        await run_in_worker(_file_then_journal, sync_file, ticket)
+                        if inline:
+                            _file_then_journal(sync_file, ticket)
+                        else:
+                            await run_in_worker(_file_then_journal, sync_file, ticket)
                     except JournalError as exc:
                         self.fail(f"fsync of the journal failed: {exc}")
                         raise
@@ -275,7 +282,10 @@ class Recorder:
                         self._durable_changed.set()
                         self._durable_changed = trio.Event()
                 return
-        await run_in_worker(sync_file)
+        if inline:
+            sync_file()
+        else:
+            await run_in_worker(sync_file)
         if writer.durable_seq < seq:  # a failed writer, or a seq not appended: as wait_durable would
             await self.wait_durable(seq, urgent=True)
 

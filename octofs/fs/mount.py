@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import re
-from collections.abc import AsyncIterator
+import select
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pyfuse3
@@ -78,12 +80,33 @@ async def open_mount(ops: pyfuse3.Operations, mountpoint: Path, options: set[str
         pyfuse3.init(ops, str(mountpoint), options)
     except RuntimeError as exc:
         raise MountError(mountpoint=str(mountpoint), reason=str(exc)) from exc
+    if hasattr(ops, "requests_pending"):
+        ops.requests_pending = _pending_probe()
     try:
         yield
     finally:
         # Unmounting after an external `fusermount3 -u` is a harmless no-op; after
         # terminate() or an error it is what releases the mountpoint.
         pyfuse3.close(unmount=True)
+
+
+def _pending_probe() -> Callable[[], bool] | None:
+    """A cheap "are FUSE requests queued?" for the session pyfuse3 just opened, or None.
+
+    pyfuse3 keeps the session's /dev/fuse fd to itself; it is the one fd of this process
+    opened on /dev/fuse (one mount per daemon). ``poll`` with a zero timeout costs one
+    syscall and does not disturb trio's own registration of the fd.
+    """
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # an fd closed meanwhile (listdir's own, say)
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                fds.append(int(name))
+    if len(fds) != 1:
+        return None
+    poller = select.poll()
+    poller.register(fds[0], select.POLLIN)
+    return lambda: bool(poller.poll(0))
 
 
 async def serve_mount() -> None:

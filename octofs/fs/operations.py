@@ -147,6 +147,9 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
     ) -> None:
         super().__init__()
         self._replicated = replicated
+        self._fsyncs = 0  # fsyncs under way (_sync_both): one alone runs inline
+        # Set by fs/mount.py: true while FUSE requests wait to be read (None: unknown).
+        self.requests_pending: Callable[[], bool] | None = None
         self._root = os.path.abspath(backing_dir)
         st = os.lstat(self._root)
         self.inodes = InodeTable((st.st_dev, st.st_ino))
@@ -280,10 +283,19 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
     async def _sync_both(self, sync_backing: Callable[[], None], seq: int) -> None:
         """fsync the backing file, then the journal up to ``seq``, in one worker thread
         (``Recorder.sync_with``); then, with sync targets, wait for their acks (invariant 3)."""
+        # Inline (in the loop's thread) when nothing else is under way, no other fsync and no
+        # request waiting to be read: for one application fsyncing alone, the thread hop costs
+        # more than it buys. Otherwise a worker thread, so that other requests are served and
+        # concurrent flushes overlap (docs/CONCURRENCY.md §3).
+        self._fsyncs += 1
+        pending = self.requests_pending
+        inline = self._fsyncs == 1 and pending is not None and not pending()
         try:
-            await self.recorder.sync_with(seq, functools.partial(_passthrough, sync_backing))
+            await self.recorder.sync_with(seq, functools.partial(_passthrough, sync_backing), inline=inline)
         except JournalError:
             raise FUSEError(errno.EIO) from None
+        finally:
+            self._fsyncs -= 1
         if self._replicated is not None:
             await self._replicated(seq)
 

@@ -67,3 +67,12 @@ async def test_a_failing_journal_fsync_goes_failsafe(recorder, monkeypatch):
         await recorder.sync_with(seq, lambda: None)
     assert recorder.failsafe
     assert "fsync of the journal failed" in recorder.failure
+
+
+async def test_sync_with_inline_runs_in_the_loops_thread(recorder):
+    seen = []
+    seq = recorder.record(ops.FsyncOp(b"f", datasync=False))
+    await recorder.sync_with(seq, lambda: seen.append(threading.current_thread() is threading.main_thread()),
+                             inline=True)
+    assert seen == [True]
+    assert recorder.writer.durable_seq == seq
