@@ -79,7 +79,10 @@ def test_slot_layout_of_one_two_and_no_paths(tmp_path: Path):
     ring.close(clean=False)
     raw = p.read_bytes()
     slot = [raw[64 + i * 8192:64 + (i + 1) * 8192] for i in range(5)]
-    le = lambda n, size: n.to_bytes(size, "little")  # noqa: E731
+
+    def le(n: int, size: int) -> bytes:
+        return n.to_bytes(size, "little")
+
     assert slot[0][:19] == le(3, 8) + le(3, 2) + le(0, 2) + le(0, 4) + b"a/b"
     assert slot[1][:24] == le(4, 8) + le(3, 2) + le(5, 2) + le(0, 4) + b"srcdst/x"
     assert slot[2][:20] == le(5, 8) + le(4, 2) + le(0, 2) + le(0, 4) + b"only"
