@@ -80,6 +80,8 @@ DURABLE_EVERY_S = 1.0
 # A primary silent for this many heartbeat intervals is gone (the shipper uses 3 too).
 HEARTBEAT_MISSES = 3
 SEND_TIMEOUT_S = 30.0
+# A batch this small from the only connected primary is applied without a thread hop.
+INLINE_BATCH_BYTES = 256 * 1024
 MAX_ERROR_MESSAGE_CHARS = 1000
 
 
@@ -280,6 +282,10 @@ class TargetServer:
             slot.replica = None
             slot.last_heartbeat = None
 
+    def _connected(self) -> int:
+        """How many vaults have a primary connected right now."""
+        return sum(1 for slot in self._slots.values() if slot.conn is not None)
+
     # -- one connection --------------------------------------------------------
 
     async def handle(self, stream: trio.abc.Stream) -> None:
@@ -434,13 +440,19 @@ class TargetServer:
                     raise _Refused("epoch", f"vault {replica.vault}: an op batch at epoch {msg.epoch}, below this "
                                    f"target's epoch {replica.epoch}: that primary is stale (a failover happened)")
                 records = _decode_batch(msg, peer)
+                batch_bytes = sum(len(r) for r in msg.records)
                 try:
-                    await run_in_worker(_apply_all, replica, records)
+                    if batch_bytes <= INLINE_BATCH_BYTES and self._connected() == 1:
+                        # The only primary connected, a small batch (a database commit): applied in
+                        # the loop's own thread, barrier included; the hop to a worker would cost
+                        # more (docs/CONCURRENCY.md §3). Other connections wait at most that long.
+                        _apply_all(replica, records)
+                    else:
+                        await run_in_worker(_apply_all, replica, records)
                 except OpError as exc:
                     raise _Refused("apply", exc.message, logging.ERROR) from None
                 except ProtocolError as exc:  # a seq gap
                     raise ProtocolError(peer=peer, reason=str(exc.fields.get("reason", exc.message))) from None
-                batch_bytes = sum(len(r) for r in msg.records)
                 since_durable_bytes += batch_bytes
                 slot.op_bytes_received += batch_bytes
                 now = trio.current_time()
