@@ -46,6 +46,8 @@ import msgpack
 
 from octofs.errors import OpError
 from octofs.ops import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
     CreateOp,
     FsyncOp,
     LinkOp,
@@ -367,11 +369,64 @@ def _valid_hot(op: Op) -> bool:
         return (type(op.path) is bytes and _good_path(op.path) and type(op.offset) is int and op.offset >= 0
                 and type(op.data) is bytes and type(op.mtime_ns) is int)
     if t is FsyncOp:
-        return type(op.path) is bytes and _good_path(op.path) and type(op.datasync) is bool
+        return type(op.path) is bytes and (op.path == b"" or _good_path(op.path)) and type(op.datasync) is bool
     if t is TruncateOp:
         return (type(op.path) is bytes and _good_path(op.path) and type(op.size) is int and op.size >= 0
                 and type(op.mtime_ns) is int)
-    return False
+    check = _COLD_CHECKS.get(t)
+    return check is not None and check(op)
+
+
+# The same for the other ops captured from the mount (a create, an unlink, a rename...: one per
+# request too), which ``validate`` checks field by field through ``dataclasses.fields`` in 3–6 µs.
+
+
+def _path(p: object) -> bool:
+    return type(p) is bytes and _good_path(p)
+
+
+def _path_or_root(p: object) -> bool:
+    return type(p) is bytes and (p == b"" or _good_path(p))
+
+
+def _owned(op: CreateOp | MkdirOp | MknodOp) -> bool:
+    return (_path(op.path) and type(op.mode) is int and op.mode >= 0 and type(op.uid) is int
+            and type(op.gid) is int and type(op.mtime_ns) is int)
+
+
+def _mknod_ok(op: MknodOp) -> bool:
+    return _owned(op) and type(op.rdev) is int and op.rdev >= 0
+
+
+def _symlink_ok(op: SymlinkOp) -> bool:
+    return (_path(op.path) and type(op.target) is bytes and type(op.uid) is int and type(op.gid) is int
+            and type(op.mtime_ns) is int)
+
+
+def _setattr_ok(op: SetattrOp) -> bool:
+    mode = op.mode
+    return (_path_or_root(op.path) and (mode is None or (type(mode) is int and mode >= 0))
+            and all(v is None or type(v) is int for v in (op.uid, op.gid, op.atime_ns, op.mtime_ns)))
+
+
+def _xattr_name_ok(name: object) -> bool:
+    return type(name) is bytes and name != b"" and b"\0" not in name
+
+
+_COLD_CHECKS: dict[type, Callable[[Any], bool]] = {
+    CreateOp: _owned,
+    MkdirOp: _owned,
+    MknodOp: _mknod_ok,
+    SymlinkOp: _symlink_ok,
+    LinkOp: lambda op: _path(op.src) and _path(op.path),
+    UnlinkOp: lambda op: _path(op.path),
+    RmdirOp: lambda op: _path(op.path),
+    RenameOp: lambda op: _path(op.src) and _path(op.path) and type(op.flags) is int
+                         and op.flags in (0, RENAME_NOREPLACE, RENAME_EXCHANGE),
+    SetattrOp: _setattr_ok,
+    SetxattrOp: lambda op: _path_or_root(op.path) and _xattr_name_ok(op.name) and type(op.value) is bytes,
+    RemovexattrOp: lambda op: _path_or_root(op.path) and _xattr_name_ok(op.name),
+}
 
 
 def _check_bin_lengths(op: Op) -> None:
