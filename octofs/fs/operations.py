@@ -281,8 +281,33 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
             await self._replicated(seq)
 
     async def _sync_both(self, sync_backing: Callable[[], None], seq: int) -> None:
-        """fsync the backing file, then the journal up to ``seq``, in one worker thread
-        (``Recorder.sync_with``); then, with sync targets, wait for their acks (invariant 3)."""
+        """An application's fsync: the backing file and the journal up to ``seq`` durable and,
+        with sync targets, their durable acks (invariant 3).
+
+        Without sync targets: the backing file's fsync, then the journal's, in one go
+        (``Recorder.sync_with``). With them, the journal first, so that the op leaves for
+        the targets at once, and the backing file's fsync in a worker while they apply it
+        (only journal-durable ops are shipped).
+        """
+        sync_file = functools.partial(_passthrough, sync_backing)
+        if self._replicated is not None:
+            try:
+                await self.recorder.wait_durable(seq, urgent=True)
+            except JournalError:
+                raise FUSEError(errno.EIO) from None
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(run_in_worker, sync_file)
+                    await self._replicated(seq)
+            except BaseExceptionGroup as group:  # the backing file's FUSEError, out of the nursery
+                fuse_errors = group.subgroup(FUSEError)
+                if fuse_errors is None:
+                    raise
+                first = fuse_errors.exceptions[0]
+                while isinstance(first, BaseExceptionGroup):
+                    first = first.exceptions[0]
+                raise first from None
+            return
         # Inline (in the loop's thread) when nothing else is under way, no other fsync and no
         # request waiting to be read: for one application fsyncing alone, the thread hop costs
         # more than it buys. Otherwise a worker thread, so that other requests are served and
@@ -291,13 +316,11 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         pending = self.requests_pending
         inline = self._fsyncs == 1 and pending is not None and not pending()
         try:
-            await self.recorder.sync_with(seq, functools.partial(_passthrough, sync_backing), inline=inline)
+            await self.recorder.sync_with(seq, sync_file, inline=inline)
         except JournalError:
             raise FUSEError(errno.EIO) from None
         finally:
             self._fsyncs -= 1
-        if self._replicated is not None:
-            await self._replicated(seq)
 
     def _keep_journaled(self, node: Node | None) -> None:
         """``node`` just lost a name; if it has no known name left but is open and still linked, adopt a name.
