@@ -54,3 +54,24 @@ def test_fast_check_accepts_every_valid_captured_op(op_type, data):
     op = data.draw(OP_STRATEGIES[op_type])
     assert codec._valid_hot(op), op  # no validate() on the per-request path for a valid op
     assert codec.decode_record(codec.encode_payload(9, 1, op)).op == op
+
+
+@pytest.mark.parametrize("op_type", ops.OP_TYPES, ids=lambda t: t.__name__)
+@settings(max_examples=300)
+@given(data=st.data())
+def test_decode_refuses_exactly_what_validate_refuses(op_type, data):
+    # A peer's payload, built by hand with no validation: decode_record's fast check must not let
+    # through anything validate would refuse (a target decodes every op it applies).
+    fields = {f.name: data.draw(_WILD, label=f.name) for f in dataclasses.fields(op_type)}
+    op = op_type(**fields)
+    try:
+        payload = codec.packb(codec._ENCODERS[op_type](1, 0, op))
+    except (OverflowError, TypeError, ValueError):
+        return  # not representable in msgpack at all
+    try:
+        decoded = codec.decode_record(payload)
+    except OpError:
+        assert not _validate_ok(op), op  # refused only what validate refuses
+        return
+    assert _validate_ok(decoded.op), decoded
+    assert _validate_ok(op), op
