@@ -140,7 +140,7 @@ class PrimaryDaemon:
             async def replicated(seq: int) -> None:
                 await wait_sync_targets(self.shippers, seq)
         self.ops = PassthroughOperations(os.fsencode(cfg.backing), self.recorder, exclude=cfg.exclude,
-                                         replicated=replicated)
+                                         replicated=replicated, inline_fsync=cfg.health is None)
         secret = self._secret() if cfg.targets or cfg.health else b""
         vault_id = state.vault_id(self.state_dir)
         # Synchronize reads the backing dir through this fd (confined, syncplan.py).

@@ -32,6 +32,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TypeVar
 
@@ -77,6 +78,10 @@ _STRIP_FLAGS = os.O_APPEND | os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY
 _SYNC_FLAGS = os.O_SYNC | os.O_DSYNC  # O_SYNC includes the O_DSYNC bit on Linux
 _ACCMODE = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
 _CAPS = b"security.capability"
+# An fsync slower than this (the disk is busy) sends the next INLINE_PAUSE fsyncs to worker
+# threads instead of running them in the event loop (_sync_both, docs/CONCURRENCY.md §3).
+INLINE_FSYNC_MAX_S = 0.02
+INLINE_PAUSE = 1000
 
 
 
@@ -114,6 +119,9 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
             hides (docs/PERFORMANCE.md, "Not done").
         exclude: vault.yaml ``exclude`` patterns (octofs/exclude.py): matching paths
             work normally here but no op about them is journaled.
+        inline_fsync: let a lone fsync block the event loop instead of hopping to a
+            worker thread (faster; ``_sync_both``). Off when ``failover.health`` answers
+            from this loop: a stalled disk must never silence it into a takeover.
 
     Attributes:
         failsafe: mirrors ``recorder.failsafe``: True once a change could not be
@@ -144,10 +152,13 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         attr_timeout_s: float = 1.0,
         exclude: Sequence[str | bytes] = (),
         replicated: Callable[[int], Awaitable[None]] | None = None,
+        inline_fsync: bool = True,
     ) -> None:
         super().__init__()
         self._replicated = replicated
+        self._inline_fsync = inline_fsync
         self._fsyncs = 0  # fsyncs under way (_sync_both): one alone runs inline
+        self._not_inline = 0  # after a slow fsync, this many more go to worker threads
         # Set by fs/mount.py: true while FUSE requests wait to be read (None: unknown).
         self.requests_pending: Callable[[], bool] | None = None
         self._root = os.path.abspath(backing_dir)
@@ -312,15 +323,23 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         # request waiting to be read: for one application fsyncing alone, the thread hop costs
         # more than it buys. Otherwise a worker thread, so that other requests are served and
         # concurrent flushes overlap (docs/CONCURRENCY.md §3).
+        # A slow disk (an fsync over INLINE_FSYNC_MAX_S) sends the next INLINE_PAUSE fsyncs to
+        # worker threads: the loop also answers heartbeats and status, which must not wait long.
         self._fsyncs += 1
         pending = self.requests_pending
-        inline = self._fsyncs == 1 and pending is not None and not pending()
+        inline = (self._inline_fsync and self._fsyncs == 1 and not self._not_inline
+                  and pending is not None and not pending())
+        started = time.monotonic()
         try:
             await self.recorder.sync_with(seq, sync_file, inline=inline)
         except JournalError:
             raise FUSEError(errno.EIO) from None
         finally:
             self._fsyncs -= 1
+            if time.monotonic() - started > INLINE_FSYNC_MAX_S:
+                self._not_inline = INLINE_PAUSE
+            elif self._not_inline:
+                self._not_inline -= 1
 
     def _keep_journaled(self, node: Node | None) -> None:
         """``node`` just lost a name; if it has no known name left but is open and still linked, adopt a name.

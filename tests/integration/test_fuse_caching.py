@@ -104,3 +104,43 @@ def test_pending_request_probe_finds_the_one_fuse_device_fd() -> None:
             os.close(fd2)
     finally:
         os.close(fd)
+
+
+async def test_a_slow_fsync_sends_the_next_ones_to_worker_threads(tmp_path: Path) -> None:
+    """A lone fsync runs in the event loop's thread, unless the last ones were slow (a busy disk:
+    the loop must keep answering heartbeats) or failover health answers from this loop."""
+    import threading
+    import time
+
+    from octofs import ops as octofs_ops
+    from octofs.fs import operations
+    from octofs.journal import JournalWriter
+    from octofs.recorder import Recorder
+
+    (tmp_path / "b").mkdir()
+    writer = JournalWriter.open(tmp_path / "j", vault_id=bytes(16), epoch=1)
+    try:
+        threads: list[bool] = []
+
+        def sync(delay: float = 0.0):
+            def run() -> None:
+                threads.append(threading.current_thread() is threading.main_thread())
+                time.sleep(delay)
+            return run
+
+        fs = operations.PassthroughOperations(os.fsencode(tmp_path / "b"), Recorder(writer))
+        fs.requests_pending = lambda: False
+        for delay in (0.0, operations.INLINE_FSYNC_MAX_S * 2, 0.0, 0.0):
+            seq = fs.recorder.record(octofs_ops.FsyncOp(b"f", datasync=False))
+            await fs._sync_both(sync(delay), seq)
+        assert threads == [True, True, False, False]  # inline until one was slow, then workers
+        assert fs._not_inline == operations.INLINE_PAUSE - 2
+
+        fs = operations.PassthroughOperations(os.fsencode(tmp_path / "b"), Recorder(writer), inline_fsync=False)
+        fs.requests_pending = lambda: False
+        threads.clear()
+        seq = fs.recorder.record(octofs_ops.FsyncOp(b"f", datasync=False))
+        await fs._sync_both(sync(), seq)
+        assert threads == [False]
+    finally:
+        writer.close()
