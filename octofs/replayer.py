@@ -39,6 +39,7 @@ import math
 import os
 import select
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,8 +81,11 @@ DURABLE_EVERY_S = 1.0
 # A primary silent for this many heartbeat intervals is gone (the shipper uses 3 too).
 HEARTBEAT_MISSES = 3
 SEND_TIMEOUT_S = 30.0
-# A batch this small from the only connected primary is applied without a thread hop.
+# A batch this small from the only connected primary is applied without a thread hop,
+# unless one took longer than INLINE_APPLY_MAX_S within the last INLINE_PAUSE batches.
 INLINE_BATCH_BYTES = 256 * 1024
+INLINE_APPLY_MAX_S = 0.02
+INLINE_PAUSE = 1000
 MAX_ERROR_MESSAGE_CHARS = 1000
 
 
@@ -147,6 +151,7 @@ class TargetServer:
         self.listen = listen
         self._tls = tls
         self._slots: dict[str, _VaultSlot] = {}
+        self._not_inline = 0  # op batches still to apply in worker threads after a slow one
         # Failover (failover.py): vault name -> extra status fields (monitor state, takeover record).
         self.status_extra: dict[str, dict] = {}
         self.control_handlers: dict = {}
@@ -442,13 +447,19 @@ class TargetServer:
                 records = _decode_batch(msg, peer)
                 batch_bytes = sum(len(r) for r in msg.records)
                 try:
-                    if batch_bytes <= INLINE_BATCH_BYTES and self._connected() == 1:
+                    started = time.monotonic()
+                    if batch_bytes <= INLINE_BATCH_BYTES and self._connected() == 1 and not self._not_inline:
                         # The only primary connected, a small batch (a database commit): applied in
                         # the loop's own thread, barrier included; the hop to a worker would cost
-                        # more (docs/CONCURRENCY.md §3). Other connections wait at most that long.
+                        # more (docs/CONCURRENCY.md §3). Other connections wait at most that long,
+                        # and after a slow one (a busy disk) the next INLINE_PAUSE go to workers.
                         _apply_all(replica, records)
                     else:
                         await run_in_worker(_apply_all, replica, records)
+                    if time.monotonic() - started > INLINE_APPLY_MAX_S:
+                        self._not_inline = INLINE_PAUSE
+                    elif self._not_inline:
+                        self._not_inline -= 1
                 except OpError as exc:
                     raise _Refused("apply", exc.message, logging.ERROR) from None
                 except ProtocolError as exc:  # a seq gap
