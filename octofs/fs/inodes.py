@@ -16,9 +16,17 @@ Invariants:
   file has (a directory, a file we created, a file whose st_nlink equals the names
   seen). Changes through the mount keep it true; operations.py relies on it to pick
   a journaled (not excluded) name for a hard-linked file without walking the tree.
-- Nodes are dropped when the kernel's lookup count reaches zero (``forget``); the
-  kernel keeps parent directories referenced while children are, so a path can
-  always be rebuilt for a node the kernel still knows.
+- A node is dropped once the kernel's lookup count is zero (``forget``) *and* no
+  entry of the table is named under it (``children``). The kernel keeps the parent
+  of each dentry it uses, but not every parent we know: a hard-linked file in use as
+  ``c/a`` keeps its name ``x/y`` while the kernel forgets ``x`` (it reclaims unused
+  dentries whenever it needs memory), and the directories above a name found in the
+  backing dir (``adopt``, exclusion.py) may never have been looked up at all. Every
+  name therefore has a complete chain of parents in the table, and ``path`` always
+  rebuilds a real path for a linked node. Dropping the last child of a node nobody
+  else holds drops that node in turn (``_settle``). (Dropping the parent instead used
+  to leave such a name dangling: ``path`` returned None, the file looked unlinked,
+  opening it failed with ENOENT and its writes were not journaled.)
 """
 
 from __future__ import annotations
@@ -51,6 +59,8 @@ class Node:
             cwd), a backing fd that operations.py keeps until ``forget``.
         is_dir: the backing file is a directory (fixed for a node's life: a key
             names one inode, and an inode never changes type).
+        children: how many entries of the table are named under this node (it is
+            their parent); a node with any is kept even with no kernel lookup.
         names_complete: ``names`` is known to hold every name of the backing file.
         no_caps: the backing file is known to have no ``security.capability`` xattr
             (operations.py answers the kernel's per-write question without a syscall).
@@ -65,6 +75,7 @@ class Node:
     is_dir: bool = False
     names_complete: bool = False
     no_caps: bool = False
+    children: int = 0
 
 
 class InodeTable:
@@ -80,6 +91,7 @@ class InodeTable:
         self._nodes: dict[int, Node] = {ROOT: root}
         self._by_key: dict[tuple[int, int], int] = {root_key: ROOT}
         self._entries: dict[tuple[int, bytes], int] = {}
+        self._idle: list[Node] = []  # lost their last child: dropped by _settle if nothing holds them
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -174,10 +186,10 @@ class InodeTable:
             self._by_key[key] = ino
         else:
             node = self._nodes[ino]
-        node.names.add((parent, name))
-        self._entries[(parent, name)] = ino
+        self._add_entry(parent, name, node)
         if not node.names_complete and len(node.names) >= st.st_nlink:
             node.names_complete = True
+        self._settle()
         return node
 
     def incref(self, node: Node, count: int = 1) -> None:
@@ -188,31 +200,63 @@ class InodeTable:
         if node is None or ino == ROOT:
             return
         node.lookups -= count
-        if node.lookups <= 0:
+        if node.lookups <= 0 and node.children <= 0:
             self._drop(node)
+            self._settle()
 
     def drop_if_unreferenced(self, node: Node) -> None:
         """Drop a node the kernel never accepted (e.g. a readdir entry that did not fit)."""
-        if node.lookups <= 0 and node.ino != ROOT:
+        if node.lookups <= 0 and node.children <= 0 and node.ino != ROOT and self._nodes.get(node.ino) is node:
             self._drop(node)
+            self._settle()
 
     def _drop(self, node: Node) -> None:
         for parent, name in node.names:
             if self._entries.get((parent, name)) == node.ino:
                 del self._entries[(parent, name)]
+                self._release(parent)
         node.names.clear()
         if node.key is not None and self._by_key.get(node.key) == node.ino:
             del self._by_key[node.key]
         del self._nodes[node.ino]
 
+    def _add_entry(self, parent: int, name: bytes, node: Node) -> None:
+        """Name ``node`` ``parent/name`` (a free entry)."""
+        self._entries[(parent, name)] = node.ino
+        node.names.add((parent, name))
+        pnode = self._nodes.get(parent)
+        if pnode is not None:
+            pnode.children += 1
+
+    def _release(self, parent: int) -> None:
+        """An entry named under ``parent`` went away; if that was its last and the kernel
+        does not hold it, ``_settle`` drops it (not at once: the caller may be about to
+        name something else under it, as a rename within one directory does)."""
+        pnode = self._nodes.get(parent)
+        if pnode is None:
+            return
+        pnode.children -= 1
+        if pnode.children <= 0 and pnode.lookups <= 0 and parent != ROOT:
+            self._idle.append(pnode)
+
+    def _settle(self) -> None:
+        """Drop the nodes that lost their last child and that nothing holds any more
+        (each drop may release its own parent in turn). Called at the end of every change."""
+        while self._idle:
+            node = self._idle.pop()
+            if node.lookups <= 0 and node.children <= 0 and self._nodes.get(node.ino) is node:
+                self._drop(node)
+
     def unlinked(self, parent: int, name: bytes) -> None:
         """``parent/name`` was removed from the backing dir."""
         self._unlink_entry(parent, name)
+        self._settle()
 
     def _unlink_entry(self, parent: int, name: bytes) -> None:
         ino = self._entries.pop((parent, name), None)
         if ino is None:
             return
+        self._release(parent)
         node = self._nodes.get(ino)
         if node is None:
             return
@@ -230,29 +274,30 @@ class InodeTable:
         node.key = key
         self._by_key[key] = node.ino
         node.names_complete = False  # it had names we never saw
-        node.names.add((parent, name))
-        self._entries[(parent, name)] = node.ino
+        if (parent, name) not in self._entries:
+            self._add_entry(parent, name, node)
+        self._settle()
 
     def renamed(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes) -> None:
         """``old`` was renamed over ``new`` (which, if it existed, lost that name)."""
         self._unlink_entry(new_parent, new_name)
         ino = self._entries.pop((old_parent, old_name), None)
-        if ino is None:
-            return
-        node = self._nodes[ino]
-        node.names.discard((old_parent, old_name))
-        node.names.add((new_parent, new_name))
-        self._entries[(new_parent, new_name)] = ino
+        if ino is not None:
+            self._release(old_parent)
+            node = self._nodes[ino]
+            node.names.discard((old_parent, old_name))
+            self._add_entry(new_parent, new_name, node)
+        self._settle()
 
     def exchanged(self, parent_a: int, name_a: bytes, parent_b: int, name_b: bytes) -> None:
         """``a`` and ``b`` swapped places atomically (RENAME_EXCHANGE)."""
         ino_a = self._entries.pop((parent_a, name_a), None)
         ino_b = self._entries.pop((parent_b, name_b), None)
-        for ino, old, new in ((ino_a, (parent_a, name_a), (parent_b, name_b)),
-                              (ino_b, (parent_b, name_b), (parent_a, name_a))):
-            if ino is None:
-                continue
-            node = self._nodes[ino]
-            node.names.discard(old)
-            node.names.add(new)
-            self._entries[new] = ino
+        for ino, old in ((ino_a, (parent_a, name_a)), (ino_b, (parent_b, name_b))):
+            if ino is not None:
+                self._release(old[0])
+                self._nodes[ino].names.discard(old)
+        for ino, new in ((ino_a, (parent_b, name_b)), (ino_b, (parent_a, name_a))):
+            if ino is not None:
+                self._add_entry(new[0], new[1], self._nodes[ino])
+        self._settle()

@@ -385,8 +385,9 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
     def _dir_ino(self, rel_dir: bytes) -> int:
         """Our inode number for a backing directory, remembering (not increfing) the ones the kernel never saw.
 
-        Nodes remembered here have no kernel lookups; they stay until the kernel
-        looks them up and forgets them again, which bounds them by the rare callers.
+        Nodes remembered here have no kernel lookups; the table keeps them while a
+        name is remembered under them (fs/inodes.py drops them with their last child),
+        which bounds them by the rare callers.
         """
         ino = ROOT
         if not rel_dir:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from octofs.apply import apply_op
-from octofs.journal import JournalReader
+from octofs.journal import JournalReader, list_segments
 from octofs.ops import Record, WriteOp
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -116,6 +116,9 @@ class IncrementalReplica:
         return list(JournalReader(self.journal_dir).records(start_seq=seq))
 
     def skip_to_end(self) -> None:
+        segs = list_segments(self.journal_dir)
+        if segs and self.next_seq < segs[0].first_seq:  # dropped since (the target acked them)
+            self.next_seq = segs[0].first_seq
         for rec in self._reader.records(start_seq=self.next_seq):
             self.next_seq = rec.seq + 1
 
