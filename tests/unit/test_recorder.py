@@ -8,17 +8,7 @@ import pytest
 
 from octofs import ops
 from octofs.errors import JournalError
-from octofs.journal import JournalReader, JournalWriter
-from octofs.recorder import Recorder
-
-VAULT = bytes(range(16))
-
-
-@pytest.fixture
-def recorder(tmp_path):
-    writer = JournalWriter.open(tmp_path / "j", vault_id=VAULT, epoch=1)
-    yield Recorder(writer)
-    writer.close()
+from octofs.journal import JournalReader
 
 
 async def test_sync_with_runs_the_file_sync_first_then_makes_the_journal_durable(recorder, tmp_path):

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 import trio
 
 from octofs import ops
-from octofs.journal import JournalReader, JournalWriter
-from octofs.recorder import INDEX_INTERVAL_NS, Recorder
-
-VAULT = bytes(range(16))
-
-
-@pytest.fixture
-def recorder(tmp_path):
-    writer = JournalWriter.open(tmp_path / "j", vault_id=VAULT, epoch=1)
-    yield Recorder(writer)
-    writer.close()
+from octofs.journal import JournalReader
+from octofs.recorder import INDEX_INTERVAL_NS
 
 
 async def test_every_append_wakes_every_waiting_tailer(recorder):
