@@ -199,7 +199,7 @@ class InodeTable:
         node = self._nodes.get(ino)
         if node is None or ino == ROOT:
             return
-        node.lookups -= count
+        node.lookups = max(0, node.lookups - count)  # kept nodes (children) may be looked up again
         if node.lookups <= 0 and node.children <= 0:
             self._drop(node)
             self._settle()
