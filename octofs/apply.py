@@ -89,7 +89,7 @@ from octofs.ops import (
     validate,
 )
 
-__all__ = ["apply_op", "barrier"]
+__all__ = ["DATA_OPS", "apply_data", "apply_op", "barrier", "open_data", "set_mtime"]
 
 # Opening one intermediate directory: O_PATH needs no read permission and opens nothing
 # for I/O; O_DIRECTORY|O_NOFOLLOW make a symlink or a file fail instead of being followed.
@@ -309,6 +309,11 @@ def _set_mtime_fd(fd: int, mtime_ns: int, name: bytes) -> None:
         _raise_errno(name)
 
 
+# The mtimes _timespecs accepts (its seconds fit in time_t), checked without building one.
+_MTIME_NS_MIN = (-_TIME_T_MAX - 1) * _NS_PER_S
+_MTIME_NS_END = (_TIME_T_MAX + 1) * _NS_PER_S
+
+
 # -- attributes ------------------------------------------------------------------
 
 
@@ -452,17 +457,21 @@ def _rmdir(parent_fd: int, name: bytes, op: RmdirOp, chown: bool | None) -> None
 def _write(parent_fd: int, name: bytes, op: WriteOp, chown: bool | None) -> None:
     fd = _open_regular(parent_fd, name, op)
     try:
-        view = memoryview(op.data)
-        offset = op.offset
-        while view:  # pwrite may write less than asked (signals, quotas)
-            n = os.pwrite(fd, view, offset)
-            if n <= 0:  # cannot happen for a regular file; never loop forever
-                raise OSError(errno.EIO, "pwrite wrote nothing", name)
-            view = view[n:]
-            offset += n
+        _pwrite_all(fd, op, name)
         _set_mtime_fd(fd, op.mtime_ns, name)
     finally:
         os.close(fd)
+
+
+def _pwrite_all(fd: int, op: WriteOp, name: bytes) -> None:
+    view = memoryview(op.data)
+    offset = op.offset
+    while view:  # pwrite may write less than asked (signals, quotas)
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:  # cannot happen for a regular file; never loop forever
+            raise OSError(errno.EIO, "pwrite wrote nothing", name)
+        view = view[n:]
+        offset += n
 
 
 def _truncate(parent_fd: int, name: bytes, op: TruncateOp, chown: bool | None) -> None:
@@ -472,6 +481,53 @@ def _truncate(parent_fd: int, name: bytes, op: TruncateOp, chown: bool | None) -
         _set_mtime_fd(fd, op.mtime_ns, name)
     finally:
         os.close(fd)
+
+
+# -- data ops through an fd the caller keeps open (replica.py: a run of data ops on one file) --------
+
+DATA_OPS = (WriteOp, TruncateOp)
+
+
+def open_data(root_fd: int, op: WriteOp | TruncateOp) -> int:
+    """Open ``op.path`` for a data op exactly as ``apply_op`` does; the caller closes the fd.
+
+    The same steps as ``_write``/``_truncate``: ``validate``, the confined walk (``open_parent``),
+    a regular file only (``_open_regular``: stat without following, then ``_DATA_FLAGS``, which
+    include ``O_NOFOLLOW``). Nothing is written. Raises what ``apply_op`` raises for the same op.
+    """
+    validate(op)
+    parent_fd, name = open_parent(root_fd, op.path)
+    try:
+        return _open_regular(parent_fd, name, op)
+    finally:
+        if parent_fd != root_fd:
+            os.close(parent_fd)
+
+
+def apply_data(fd: int, op: WriteOp | TruncateOp) -> None:
+    """Apply a data op's bytes or size to ``fd`` (from ``open_data`` for ``op.path``), mtime left alone.
+
+    The caller sets the mtime (``set_mtime``) before anything else can see the file. The op is
+    checked as ``validate`` would (its path was, by ``open_data``), including an mtime that
+    ``set_mtime`` could not express, so a bad op fails here, where ``apply_op`` would fail it.
+    """
+    if type(op) is WriteOp:
+        ok = type(op.offset) is int and op.offset >= 0 and type(op.data) is bytes
+    else:
+        ok = type(op) is TruncateOp and type(op.size) is int and op.size >= 0
+    if not (ok and type(op.mtime_ns) is int):
+        validate(op)  # raises, or accepts what the quick check does not know (an int subclass)
+    if not _MTIME_NS_MIN <= op.mtime_ns < _MTIME_NS_END:
+        raise OpError(reason=f"timestamp {op.mtime_ns} ns does not fit in time_t")
+    if type(op) is WriteOp:
+        _pwrite_all(fd, op, op.path)
+    else:
+        os.ftruncate(fd, op.size)
+
+
+def set_mtime(fd: int, mtime_ns: int, path: bytes) -> None:
+    """Set the mtime of the file open as ``fd`` (atime unchanged); ``path`` names it in errors."""
+    _set_mtime_fd(fd, mtime_ns, path)
 
 
 def _setattr(parent_fd: int, name: bytes, op: SetattrOp, chown: bool | None) -> None:

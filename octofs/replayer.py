@@ -635,9 +635,12 @@ async def _make_durable(replica: Replica) -> int:
 
 
 def _apply_all(replica: Replica, records: list[Record]) -> None:
-    """Apply a decoded batch in order (runs in a worker thread)."""
-    for rec in records:
-        replica.apply_record(rec)
+    """Apply a decoded batch in order (runs in a worker thread, or inline for a small one)."""
+    try:
+        for rec in records:
+            replica.apply_record(rec)
+    finally:
+        replica.end_run()  # between batches every file has its exact mtime (replica.py, runs of data ops)
 
 
 def _decode_batch(batch: protocol.OpBatch, peer: str) -> list[Record]:

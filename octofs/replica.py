@@ -38,7 +38,7 @@ Crash safety. ``progress`` is written with ``pwrite`` and never fsynced: it live
 the page cache, which survives a kill of this process but not of the machine.
 
 - *Process killed* (SIGKILL, OOM, bug): every op up to ``progress.applied`` took
-  full effect; the op named ``progress.in_flight`` (written just before it was
+  full effect (in a run of data ops, all but its mtime: see below); the op named ``progress.in_flight`` (written just before it was
   started) may be half done. On open, ``applied_seq = max(position, progress)`` and
   for that one op only "already done" outcomes are tolerated: UnlinkOp/RmdirOp
   ENOENT; RenameOp with the source gone and the destination present; LinkOp EEXIST
@@ -60,6 +60,30 @@ the page cache, which survives a kill of this process but not of the machine.
   cut while idle (the common case) costs nothing. The price is one extra
   ``fdatasync`` of a 16-byte file per durable point.
 
+Runs of data ops. Consecutive data ops (WriteOp, TruncateOp) on one path — a buffered
+write stream, a database commit — share one fd (``_DataRun``): opened by the first
+through ``apply.open_data``, exactly ``apply_op``'s open (validated, the confined walk,
+regular files only, ``O_NOFOLLOW``), so confinement is as strong as for any op. The
+file's mtime is set once, to the run's last op's ``mtime_ns``, when the run ends
+(``end_run``): before any other op is applied (any other path, any namespace, metadata
+or xattr op, a barrier), before ``make_durable``/``settle``, at the end of every batch
+(the replayer), before every Synchronize method (answer, repair, begin, checkpoint,
+end) and at close. So whatever a barrier makes durable, a Synchronize answer describes,
+a freeze shows or a status reports, files have their exact mtime; only a reader of the
+replica dir *during* a batch may see a run's data with an earlier write's mtime.
+Nothing else writes to the replica dir (apply.py's threat model), so the path still
+names the fd's file for the whole run. Crash safety: before each op ``progress`` gets
+``(applied, in flight)`` in one write, and a data op in a run records no "done" after
+it (``end_run`` does, after the mtime). A process killed during a run therefore leaves
+``applied`` = the seq before the last op started, ``in_flight`` = that op: the restart
+re-applies it as the half-done op (through ``apply_op``, mtime included), which gives
+the file its data and the run's mtime at that point; the earlier ops of the run took
+full effect but for their mtime, which that last op's supersedes. Until the primary
+resends that op the file's mtime may be older than its data (as a half-done op leaves
+its file between two states); a kill between ops used to leave none, now it does
+whenever a run was open. A power cut is unaffected: a run is always after the
+durable point, where touched is unknown.
+
 Thread use: one thread at a time calls the mutating methods (the replayer runs at
 most one connection per vault and calls them in a worker thread (``threads.run_in_worker``)); reading
 the plain attributes from another thread is fine.
@@ -79,7 +103,6 @@ from pathlib import Path
 from typing import NoReturn
 
 from octofs import apply, scan, state
-from octofs.state import current_boot_id
 from octofs.errors import (
     DaemonRunningError,
     OpError,
@@ -95,9 +118,12 @@ from octofs.ops import (
     Record,
     RenameOp,
     RmdirOp,
+    TruncateOp,
     UnlinkOp,
+    WriteOp,
     op_paths,
 )
+from octofs.state import current_boot_id
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +136,7 @@ _VAULT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 _POSITION = struct.Struct("<QQ")  # durable seq, touched seq
 _PROGRESS = struct.Struct("<QQ16s")  # applied seq, in-flight seq (0 = none), boot id
-_PROGRESS_DONE = struct.Struct("<QQ")  # the first two fields, rewritten after each op
-_IN_FLIGHT = struct.Struct("<Q")
-_IN_FLIGHT_OFFSET = 8
+_PROGRESS_DONE = struct.Struct("<QQ")  # the first two fields, rewritten before and after each op
 
 
 # -- target root layout ---------------------------------------------------------
@@ -232,6 +256,7 @@ class Replica:
         self.skipped_paths: list[bytes] = []  # paths of ops skipped during a Synchronize, not yet reported
         self._touched = 0  # the touched seq currently durable in `position`
         self._half_done: int | None = None  # the one seq whose "already done" outcomes are tolerated
+        self._run: _DataRun | None = None  # the data fd kept open across a run of data ops (module docstring)
 
     # -- opening ---------------------------------------------------------------
 
@@ -388,16 +413,27 @@ class Replica:
                 f"{self.applied_seq} (a gap)",
             )
         assert self._fd is not None and self._prog_fd is not None
+        op = rec.op
+        joins = type(op) in apply.DATA_OPS and seq != self._half_done  # a data op: it may join a run
+        run = self._run
+        if run is not None and not (joins and op.path == run.path):
+            self.end_run()  # anything else: the run's mtime is set and its fd closed first
         try:
             if self._touched != UNKNOWN_SEQ:
                 # Durable before this op can reach the disk: "ops after the durable seq
                 # may be on disk" (module docstring, machine went down).
                 self._write_position(self.durable_seq, UNKNOWN_SEQ)
-            os.pwrite(self._prog_fd, _IN_FLIGHT.pack(seq), _IN_FLIGHT_OFFSET)
+            # (applied, in flight) in one write: during a run, ``applied`` on disk stays one
+            # behind, so a restart re-applies this op, whose mtime is the one that counts.
+            os.pwrite(self._prog_fd, _PROGRESS_DONE.pack(self.applied_seq, seq), 0)
         except OSError as exc:
             self._fail(f"cannot record progress before seq {seq}: {exc.strerror or exc}", exc)
+        deferred = False
         try:
-            if seq == self._half_done:
+            if joins:
+                self._apply_data(seq, op)
+                deferred = True
+            elif seq == self._half_done:
                 self._apply_half_done(rec.op)
             elif isinstance(rec.op, FsyncOp):
                 # The barrier below (syncfs) makes this file durable with everything else: an
@@ -408,6 +444,10 @@ class Replica:
             else:
                 apply.apply_op(self._fd, rec.op, chown=self.owners)
         except (OSError, OpError) as exc:
+            if self._run is not None:  # the run ends at the last op that was applied
+                with contextlib.suppress(OSError, OpError):
+                    self.end_run()
+                self._drop_run()
             if self.sync is not None and _state_mismatch(exc):
                 # A Synchronize is under way: this path is not repaired yet. Skip the op and tell
                 # the primary, which compares the paths again (repairs are state-setting).
@@ -419,6 +459,8 @@ class Replica:
                 self._fail(f"cannot apply seq {seq} ({_describe(rec.op)}): {detail}", exc)
         self._half_done = None
         self.applied_seq = seq
+        if deferred:
+            return  # "done" is recorded when the run ends (end_run)
         try:
             os.pwrite(self._prog_fd, _PROGRESS_DONE.pack(seq, 0), 0)
         except OSError as exc:
@@ -428,6 +470,50 @@ class Replica:
             # the next op (the common case: databases commit again) then needs no flush of its own,
             # and ``settle`` (on a heartbeat, at close) marks an idle replica clean again.
             self.make_durable(busy=True)
+
+    def _apply_data(self, seq: int, op: WriteOp | TruncateOp) -> None:
+        """Apply a data op through the run's fd (opened now if no run is open), its mtime deferred."""
+        run = self._run
+        if run is None:
+            assert self._fd is not None
+            # Exactly apply_op's open: validated, confined walk, regular file only, O_NOFOLLOW.
+            run = self._run = _DataRun(op.path, apply.open_data(self._fd, op))
+        apply.apply_data(run.fd, op)
+        run.seq, run.mtime_ns = seq, op.mtime_ns
+
+    def end_run(self) -> None:
+        """End the run of data ops, if any: set the file's mtime to its last op's, close the fd,
+        record the last op as done in ``progress``. Called before anything else is applied or
+        can look at the replica (module docstring, runs of data ops); the replayer calls it at
+        the end of every batch.
+
+        Raises:
+            OpError: the mtime or progress could not be written; the vault is marked ``needs_resync``.
+        """
+        run = self._run
+        if run is None:
+            return
+        try:
+            if run.mtime_ns is not None:
+                try:
+                    apply.set_mtime(run.fd, run.mtime_ns, run.path)
+                except (OSError, OpError) as exc:
+                    detail = exc.message if isinstance(exc, OpError) else (exc.strerror or str(exc))
+                    self._fail(f"cannot apply seq {run.seq} (set the mtime of {os.fsdecode(run.path)}): "
+                               f"{detail}", exc)
+                if run.seq == self.applied_seq and self._prog_fd is not None:
+                    try:
+                        os.pwrite(self._prog_fd, _PROGRESS_DONE.pack(run.seq, 0), 0)
+                    except OSError as exc:
+                        self._fail(f"cannot record progress after seq {run.seq}: {exc.strerror or exc}", exc)
+        finally:
+            self._drop_run()
+
+    def _drop_run(self) -> None:
+        """Close the run's fd as it is (what a kill does): no mtime, no progress."""
+        run, self._run = self._run, None
+        if run is not None:
+            os.close(run.fd)
 
     def _apply_half_done(self, op: Op) -> None:
         """Apply the op that may have been half done when the last process died."""
@@ -467,6 +553,7 @@ class Replica:
             OpError: syncfs or the position write failed (e.g. EIO); the vault is
                 marked ``needs_resync``.
         """
+        self.end_run()
         touched = self.applied_seq + 1 if self._half_done is not None else self.applied_seq
         if busy:
             touched = UNKNOWN_SEQ
@@ -498,6 +585,7 @@ class Replica:
 
     def settle(self) -> None:
         """Idle: make ``position`` say exactly what is durable, so a power cut now costs nothing."""
+        self.end_run()
         if self.unsettled and self.needs_resync is None and self._pos_fd is not None:
             try:
                 self._write_position(self.durable_seq, self.durable_seq)
@@ -541,6 +629,7 @@ class Replica:
         ``reset_seq`` as its applied and durable position and forgets its needs-resync
         mark, since the Synchronize now repairs whatever those ops would have changed.
         """
+        self.end_run()
         if verify:
             self.verifying = sync_id
             return
@@ -565,6 +654,7 @@ class Replica:
 
     def checkpoint_sync(self, sync_id: bytes, cursor: bytes) -> None:
         """Everything before ``cursor`` is verified: make it durable, then remember the cursor and the seq."""
+        self.end_run()
         if self.sync is None or self.sync["id"] != sync_id.hex():
             return  # a verify-only pass, or a stale id: nothing to persist
         self.make_durable()
@@ -573,6 +663,7 @@ class Replica:
 
     def end_sync(self, sync_id: bytes, differences: int) -> None:
         """The Synchronize is complete: durable, then marked consistent."""
+        self.end_run()
         if self.verifying == sync_id:
             self.verifying = None
             return
@@ -602,6 +693,7 @@ class Replica:
     def answer(self, items: tuple[tuple[str, bytes], ...], block_size: int) -> list:
         """Describe paths of the replica for a SyncQuery (see scan.py); ``None`` for what is absent."""
         assert self._fd is not None
+        self.end_run()  # the answer shows every file with its exact mtime
         out: list = []
         for kind, path in items:
             try:
@@ -625,6 +717,7 @@ class Replica:
             ProtocolError: no Synchronize is under way, or the repair is out of place.
             OpError: the op could not be applied (the vault is marked ``needs_resync``).
         """
+        self.end_run()
         if self.sync is None:
             raise ProtocolError(peer="the primary", reason="a repair outside a Synchronize")
         if rec.seq != self.applied_seq + 1:
@@ -646,6 +739,8 @@ class Replica:
     def close(self) -> None:
         """Make everything applied durable (when the vault is healthy) and close the fds."""
         try:
+            with contextlib.suppress(OpError):  # already logged and marked
+                self.end_run()
             if self._fd is not None and self.needs_resync is None:
                 with contextlib.suppress(OpError):  # already logged and marked
                     self.make_durable()
@@ -654,6 +749,7 @@ class Replica:
             self._close_fds()
 
     def _close_fds(self) -> None:
+        self._drop_run()
         for name in ("_fd", "_pos_fd", "_prog_fd"):
             fd = getattr(self, name)
             if fd is not None:
@@ -662,6 +758,19 @@ class Replica:
 
 
 # -- helpers ----------------------------------------------------------------------
+
+
+class _DataRun:
+    """The fd kept open across a run of data ops on one path, and the mtime still to set."""
+
+    __slots__ = ("fd", "mtime_ns", "path", "seq")
+
+    def __init__(self, path: bytes, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.seq = 0  # the last op applied through it
+        self.mtime_ns: int | None = None  # that op's mtime, not yet set (None: nothing applied yet)
+
 
 
 def _lstat(root_fd: int, path: bytes) -> os.stat_result | None:

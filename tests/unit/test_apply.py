@@ -505,7 +505,7 @@ def test_fsync_file_dir_and_root(replica, root_fd, fsync_calls):
     run(root_fd, FsyncOp(b"d/f", datasync=True))
     run(root_fd, FsyncOp(b"d"))
     run(root_fd, FsyncOp(b""))
-    ino = lambda p: os.lstat(p).st_ino  # noqa: E731
+    ino = lambda p: os.lstat(p).st_ino
     assert fsync_calls == [
         ("fsync", ino(replica / "d" / "f")),
         ("fdatasync", ino(replica / "d" / "f")),
@@ -744,7 +744,7 @@ ATTACKS = [
 
 @pytest.mark.parametrize("ops, raises", ATTACKS, ids=[repr(ops[-1])[:90] for ops, _ in ATTACKS])
 def test_confinement(attack, ops, raises):
-    replica, root_fd, check = attack
+    _replica, root_fd, check = attack
     for op in ops[:-1]:
         run(root_fd, op)
     if raises is None:
@@ -756,7 +756,7 @@ def test_confinement(attack, ops, raises):
 
 
 def test_confinement_absolute_path_of_sentinel(attack, tmp_path):
-    replica, root_fd, check = attack
+    _replica, root_fd, check = attack
     with pytest.raises(OpError):
         run(root_fd, WriteOp(os.fsencode(tmp_path) + SECRET_ABS, 0, b"pwned", T1))
     check()
@@ -820,3 +820,73 @@ def test_confinement_fuzz(tmp_path_factory, ops):
     assert tree_snapshot(sentinel, mtime=True) == before
     assert {p: os.lstat(p).st_ctime_ns for p in ctimes} == ctimes
     assert set(os.listdir(base)) == {"sentinel", "replica"}
+
+
+# -- open_data / apply_data: a data op through an fd the caller keeps (replica.py's runs) ----------
+
+
+def _open_data_refusal(root_fd, op):
+    """What open_data raises for ``op`` (checking it leaks no fd), and that apply_op raises the same."""
+    before = _fd_count()
+    with pytest.raises((OSError, OpError)) as got:
+        apply_mod.open_data(root_fd, op)
+    assert _fd_count() == before, "open_data leaked an fd"
+    with pytest.raises(type(got.value)):
+        run(root_fd, op)
+    return got.value
+
+
+def test_open_data_is_as_confined_as_apply_op(replica, root_fd, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f").write_bytes(b"keep")
+    (replica / "link").symlink_to(outside)
+    (replica / "flink").symlink_to(outside / "f")
+    os.mkfifo(replica / "fifo")
+    (replica / "dir").mkdir()
+    for path in (b"link/f", b"flink"):
+        exc = _open_data_refusal(root_fd, WriteOp(path, 0, b"X", T1))
+        assert isinstance(exc, OSError) and exc.errno in (errno.ELOOP, errno.ENOTDIR)
+    assert isinstance(_open_data_refusal(root_fd, TruncateOp(b"fifo", 0, T1)), OpError)
+    assert isinstance(_open_data_refusal(root_fd, WriteOp(b"dir", 0, b"X", T1)), IsADirectoryError)
+    assert isinstance(_open_data_refusal(root_fd, WriteOp(b"../outside/f", 0, b"X", T1)), OpError)
+    assert (outside / "f").read_bytes() == b"keep"
+
+
+def test_apply_data_then_set_mtime_equals_apply_op(replica, root_fd, tmp_path):
+    ops = [WriteOp(b"f", 5, b"hello", T1), TruncateOp(b"f", 7, T1 + 1), WriteOp(b"f", 0, b"ab", T2)]
+    other = tmp_path / "other"
+    other.mkdir()
+    (replica / "f").write_bytes(b"0123456789")
+    (other / "f").write_bytes(b"0123456789")
+    fd = apply_mod.open_data(root_fd, ops[0])
+    try:
+        for op in ops:
+            apply_mod.apply_data(fd, op)
+        apply_mod.set_mtime(fd, ops[-1].mtime_ns, b"f")
+    finally:
+        os.close(fd)
+    ofd = os.open(other, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for op in ops:
+            run(ofd, op)
+    finally:
+        os.close(ofd)
+    assert tree_snapshot(replica, mtime=True) == tree_snapshot(other, mtime=True)
+    assert (replica / "f").read_bytes() == b"ab234he"
+
+
+@pytest.mark.parametrize("op", [WriteOp(b"f", -1, b"x", T1), WriteOp(b"f", 0, "str", T1),  # type: ignore[arg-type]
+                                TruncateOp(b"f", -5, T1), WriteOp(b"f", 0, b"x", True),  # type: ignore[arg-type]
+                                WriteOp(b"f", 0, b"x", 2**64 * 10**9)])
+def test_apply_data_refuses_what_apply_op_refuses(replica, root_fd, op):
+    (replica / "f").write_bytes(b"keep")
+    fd = apply_mod.open_data(root_fd, TruncateOp(b"f", 0, T1))
+    try:
+        with pytest.raises(OpError):
+            apply_mod.apply_data(fd, op)
+    finally:
+        os.close(fd)
+    assert (replica / "f").read_bytes() == b"keep"  # refused before anything is written
+    with pytest.raises(OpError):
+        run(root_fd, op)

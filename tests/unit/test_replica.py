@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from octofs import apply
+from octofs import apply, replayer
 from octofs import replica as replica_mod
 from octofs.errors import (
     DaemonRunningError,
@@ -27,6 +27,7 @@ from octofs.ops import (
     RenameOp,
     RmdirOp,
     SymlinkOp,
+    TruncateOp,
     UnlinkOp,
     WriteOp,
 )
@@ -198,7 +199,13 @@ def test_nothing_after_a_barrier_before_it_is_durable(root: Path, monkeypatch: p
         seen.append(rep.durable_seq)
         real(fd, op, **kw)
 
+    def spy_data(fd, op):
+        seen.append(rep.durable_seq)
+        real_data(fd, op)
+
+    real_data = apply.apply_data
     monkeypatch.setattr(apply, "apply_op", spy)
+    monkeypatch.setattr(apply, "apply_data", spy_data)  # writes go through the run's fd
     apply_all(rep, [create(b"f"), FsyncOp(b"f"), write(b"f", b"x"), create(b"g")])
     # ops 3 and 4 were applied with durable_seq already 2 (the barrier's seq). The FsyncOp itself
     # is not handed to apply_op: the barrier's syncfs makes its file durable.
@@ -266,13 +273,17 @@ def _kill_mid_op(rep: Replica, seq: int, op, monkeypatch: pytest.MonkeyPatch) ->
     real = os.pwrite
 
     def pwrite(fd, data, offset):
-        if fd == rep._prog_fd and offset == 0:
+        if fd == rep._prog_fd and offset == 0 and data[8:16] == bytes(8):  # "done", not "in flight"
             raise Killed
         return real(fd, data, offset)
 
     monkeypatch.setattr(replica_mod.os, "pwrite", pwrite)
-    with pytest.raises(Killed):
+    try:
         rep.apply_record(rec(seq, op))
+    except Killed:
+        pass
+    else:  # a data op records "done" only when its run ends, so it is in flight until then
+        assert isinstance(op, (WriteOp, TruncateOp)) and rep._run is not None
     monkeypatch.setattr(replica_mod.os, "pwrite", real)
     kill(rep)
 
@@ -364,6 +375,166 @@ def test_kill_repeatedly_in_the_window(root: Path, monkeypatch: pytest.MonkeyPat
     rep = open_replica(root)
     rep.apply_record(rec(n + 1, RenameOp(b"a", b"b")))
     assert (root / "v/b").read_bytes() == b"A" and rep.needs_resync is None
+    rep.close()
+
+
+# -- runs of data ops: one fd, the mtime set when the run ends --------------------------------
+
+
+def wr(path: bytes, data: bytes, offset: int, n: int) -> WriteOp:
+    """A write whose mtime (T + n) tells it apart from every other one."""
+    return WriteOp(path, offset, data, T + n)
+
+
+def mtime(p: Path) -> int:
+    return os.stat(p, follow_symlinks=False).st_mtime_ns
+
+
+def expected_tree(tmp_path: Path, ops: list) -> Path:
+    """The tree that applying each op once, through apply_op, gives."""
+    expected = tmp_path / "expected"
+    expected.mkdir()
+    fd = os.open(expected, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for o in ops:
+            apply.apply_op(fd, o)
+    finally:
+        os.close(fd)
+    return expected
+
+
+RUN = [create(b"f"), *(wr(b"f", bytes([65 + i]) * 4096, (i * 3000) % 20000, i) for i in range(1, 9)),
+       TruncateOp(b"f", 15000, T + 9), wr(b"f", b"tail", 14998, 10)]
+
+
+def test_a_run_of_writes_uses_one_open(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rep = open_replica(root)
+    opens: list[bytes] = []
+    real = apply.open_data
+    monkeypatch.setattr(apply, "open_data", lambda fd, op: (opens.append(op.path), real(fd, op))[1])
+    replayer._apply_all(rep, [rec(i, o) for i, o in enumerate(RUN, 1)])
+    assert opens == [b"f"] and rep._run is None  # the batch's end closed it
+    assert mtime(root / "v/f") == T + 10
+    rep.close()
+
+
+def test_data_ops_on_other_paths_each_get_their_own_file(root: Path, tmp_path: Path) -> None:
+    ops = [create(b"a"), create(b"b"), wr(b"a", b"A1", 0, 1), wr(b"a", b"A2", 2, 2), wr(b"b", b"B1", 0, 3),
+           TruncateOp(b"a", 3, T + 4), wr(b"b", b"B2", 1, 5), wr(b"a", b"A3", 3, 6)]
+    rep = open_replica(root)
+    replayer._apply_all(rep, [rec(i, o) for i, o in enumerate(ops, 1)])
+    rep.close()
+    assert (root / "v/a").read_bytes() == b"A1AA3" and (root / "v/b").read_bytes() == b"BB2"
+    assert (mtime(root / "v/a"), mtime(root / "v/b")) == (T + 6, T + 5)
+    assert tree_snapshot(root / "v", mtime=True) == tree_snapshot(expected_tree(tmp_path, ops), mtime=True)
+
+
+def test_a_run_then_rename_or_unlink_never_writes_to_the_old_file(root: Path, tmp_path: Path) -> None:
+    ops = [*RUN, RenameOp(b"f", b"g"), create(b"f"), wr(b"f", b"new", 0, 20), wr(b"f", b"!", 3, 21),
+           UnlinkOp(b"f"), create(b"f"), wr(b"f", b"newest", 0, 30), MkdirOp(b"d", 0o755, os.getuid(), os.getgid(), T),
+           wr(b"f", b"x", 100, 31), RenameOp(b"f", b"d/f"), wr(b"g", b"G", 0, 40)]
+    rep = open_replica(root)
+    replayer._apply_all(rep, [rec(i, o) for i, o in enumerate(ops, 1)])  # one batch: the runs end inside it
+    rep.close()
+    assert tree_snapshot(root / "v", mtime=True) == tree_snapshot(expected_tree(tmp_path, ops), mtime=True)
+    assert (root / "v/d/f").read_bytes() == b"newest" + bytes(94) + b"x"
+    assert mtime(root / "v/d/f") == T + 31 and mtime(root / "v/g") == T + 40
+
+
+def test_a_run_then_a_barrier_makes_the_exact_mtime_durable(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rep = open_replica(root)
+    at_syncfs: list[tuple[int, bytes]] = []
+    real = apply.barrier
+
+    def barrier(fd: int) -> None:
+        at_syncfs.append((mtime(root / "v/f"), (root / "v/f").read_bytes()))
+        real(fd)
+
+    monkeypatch.setattr(apply, "barrier", barrier)
+    ops = [*RUN, wr(b"f", b"commit", 0, 11), FsyncOp(b"f")]
+    for i, o in enumerate(ops, 1):  # not through _apply_all: the barrier itself ends the run
+        rep.apply_record(rec(i, o))
+    data = (root / "v/f").read_bytes()
+    assert at_syncfs == [(T + 11, data)] and data.startswith(b"commit") and len(data) == 15002
+    assert rep.durable_seq == len(ops) and rep._run is None
+    rep.close()
+
+
+@pytest.mark.parametrize("killed_after", [2, 5, len(RUN)])
+def test_kill_in_a_run_then_restart_gives_exact_data_and_mtime(root: Path, tmp_path: Path,
+                                                               killed_after: int) -> None:
+    """Killed with the run's fd open, its mtime not set, then the primary resends from the durable seq."""
+    ops = [*RUN, RenameOp(b"f", b"g"), wr(b"g", b"after", 0, 50)]
+    rep = open_replica(root)
+    apply_all(rep, ops[:killed_after])
+    assert killed_after == 2 or rep._run is not None
+    kill(rep)
+    rep = open_replica(root)
+    # The last op started is re-applied (its mtime is the one that counts); all before it stay applied.
+    assert rep.applied_seq == killed_after - 1 and rep.needs_resync is None
+    replayer._apply_all(rep, [rec(i, o) for i, o in enumerate(ops, 1)])
+    assert rep.applied_seq == len(ops) and rep.needs_resync is None
+    rep.close()
+    assert tree_snapshot(root / "v", mtime=True) == tree_snapshot(expected_tree(tmp_path, ops), mtime=True)
+    assert mtime(root / "v/g") == T + 50
+
+
+def test_kill_at_the_end_of_a_run_then_restart_sets_its_mtime(root: Path, tmp_path: Path) -> None:
+    """The run's last op was applied, the next op (a rename) not started: the restart must not skip
+    to the rename with the file's mtime from before the run."""
+    ops = [*RUN, RenameOp(b"f", b"g")]
+    rep = open_replica(root)
+    apply_all(rep, RUN)
+    kill(rep)
+    rep = open_replica(root)
+    replayer._apply_all(rep, [rec(i, o) for i, o in enumerate(ops, 1)])
+    rep.close()
+    assert mtime(root / "v/g") == T + 10
+    assert tree_snapshot(root / "v", mtime=True) == tree_snapshot(expected_tree(tmp_path, ops), mtime=True)
+
+
+def test_kill_twice_in_a_run(root: Path, tmp_path: Path) -> None:
+    rep = open_replica(root)
+    apply_all(rep, RUN[:6])
+    kill(rep)
+    rep = open_replica(root)
+    kill(rep)  # killed again right after the restart, before anything was resent
+    rep = open_replica(root)
+    replayer._apply_all(rep, [rec(i, o) for i, o in enumerate(RUN, 1)])
+    rep.close()
+    assert tree_snapshot(root / "v", mtime=True) == tree_snapshot(expected_tree(tmp_path, RUN), mtime=True)
+
+
+def test_a_run_interrupted_by_a_synchronize_answer(root: Path) -> None:
+    rep = open_replica(root)
+    apply_all(rep, RUN)
+    assert rep._run is not None  # no batch end yet: the answer itself must end the run
+    [entry] = rep.answer((("stat", b"f"),), 4096)
+    assert entry[6] == T + 10 and entry[5] == 15002  # mtime_ns, size
+    assert rep._run is None and mtime(root / "v/f") == T + 10
+    rep.apply_record(rec(len(RUN) + 1, wr(b"f", b"more", 0, 60)))  # a new run opens the file again
+    replayer._apply_all(rep, [])
+    assert mtime(root / "v/f") == T + 60 and (root / "v/f").read_bytes().startswith(b"more")
+    rep.close()
+
+
+def test_a_run_ends_before_make_durable_settle_and_close(root: Path) -> None:
+    rep = open_replica(root)
+    apply_all(rep, RUN[:4])
+    rep.make_durable()
+    assert rep._run is None and mtime(root / "v/f") == T + 3
+    apply_all(rep, [wr(b"f", b"z", 0, 70)], start=5)
+    rep.close()
+    assert mtime(root / "v/f") == T + 70
+    assert struct.unpack("<QQ", (root / ".octofs/vaults/v/progress").read_bytes()[:16]) == (5, 0)
+
+
+def test_a_failed_write_in_a_run_keeps_the_last_applied_mtime(root: Path) -> None:
+    rep = open_replica(root)
+    apply_all(rep, RUN[:4])
+    with pytest.raises(OpError, match="cannot apply seq 5"):
+        rep.apply_record(rec(5, WriteOp(b"f", 0, b"x", 2**64 * 10**9)))  # an mtime time_t cannot hold
+    assert rep.needs_resync and rep._run is None and mtime(root / "v/f") == T + 3
     rep.close()
 
 
