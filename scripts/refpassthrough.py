@@ -50,7 +50,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-TIMEOUT_S = 1.0  # entry and attr timeouts: octofs's defaults
+TIMEOUT_S = 60.0  # entry and attr timeouts: octofs's defaults
 READ_AHEAD_KB = 1024  # octofs/fs/mount.py READ_AHEAD_KB
 # Never passed to the backing open(): the kernel already computed append offsets; O_DIRECT
 # would need aligned buffers; creation is create()'s job.

@@ -113,10 +113,10 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         entry_timeout_s / attr_timeout_s: how long the kernel may cache names (also
             "no such name") and attributes. octofs owns the backing dir, so every change
             reaches it through this mount and the kernel updates its own cache for them;
-            each lookup or getattr saved is a round trip (~100 us). Kept at 1 s: with
-            60 s the Hypothesis state machine once listed a directory through the mount
-            and then failed to open a name in it (ENOENT), which a 1 s revalidation
-            hides (docs/PERFORMANCE.md, "Not done").
+            each lookup or getattr saved is a round trip (~100 us). 60 s since the inode
+            table keeps every node a name still needs (fs/inodes.py; the ENOENT the
+            state machine once met with 60 s, docs/PERFORMANCE.md). Nothing else changes
+            the backing dir while it is mounted (failover and failback unmount first).
         exclude: vault.yaml ``exclude`` patterns (octofs/exclude.py): matching paths
             work normally here but no op about them is journaled.
         inline_fsync: let a lone fsync block the event loop instead of hopping to a
@@ -148,8 +148,8 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         backing_dir: bytes,
         recorder: Recorder,
         *,
-        entry_timeout_s: float = 1.0,
-        attr_timeout_s: float = 1.0,
+        entry_timeout_s: float = 60.0,
+        attr_timeout_s: float = 60.0,
         exclude: Sequence[str | bytes] = (),
         replicated: Callable[[int], Awaitable[None]] | None = None,
         inline_fsync: bool = True,
