@@ -43,33 +43,11 @@ from tests.support.daemons import (
     write_vault_yaml,
 )
 from tests.support.replay import replay_journal
+from tests.support.sqlite_writer import read_ledger, start_writer
 from tests.support.trees import assert_trees_equal
 
 pytestmark = [pytest.mark.fuse]
 
-WRITER = textwrap.dedent(
-    r"""
-    import sqlite3, sys, time
-    db, ledger_path = sys.argv[1], sys.argv[2]
-    con = sqlite3.connect(db, isolation_level=None)
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA synchronous=FULL")
-    con.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
-    n = con.execute("SELECT coalesce(max(id), 0) FROM t").fetchone()[0]
-    ledger = open(ledger_path, "a")
-    while True:
-        n += 1
-        con.execute("BEGIN")
-        con.execute("INSERT INTO t (id, body) VALUES (?, ?)", (n, "x" * (n % 500)))
-        if n % 5 == 0:
-            con.execute("UPDATE t SET body = body || '!' WHERE id = ?", (n // 2,))
-        con.execute("COMMIT")
-        ledger.write(f"{n} {time.monotonic()}\n"); ledger.flush()   # acknowledged
-    """
-)
-
-# Run by `octofs freeze --exec`: the backup itself (tar), then it lasts until the workload has committed
-# MORE transactions after the freeze, as a longer backup would; it records what status says meanwhile.
 BACKUP = textwrap.dedent(
     r"""
     import json, os, subprocess, sys, time
@@ -120,11 +98,7 @@ def _vault(tmp_path: Path, secret: Path, target: Serve) -> Path:
         {"name": "t1", "address": target.address_str, "mode": "async"}]})
 
 
-def _ledger(path: Path) -> list[tuple[int, float]]:
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    return [(int(n), float(t)) for n, t in (line.split() for line in lines)]
+_ledger = read_ledger
 
 
 def _rate(ledger: list[tuple[int, float]], start: float, end: float) -> float:
@@ -137,8 +111,7 @@ class _Writer:
 
     def __init__(self, db: Path, ledger: Path) -> None:
         self.ledger = ledger
-        self.proc = subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(ledger)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = start_writer(db, ledger, mode="WAL", synchronous="FULL")
 
     def wait_commits(self, n: int) -> None:
         wait_until(lambda: self.proc.poll() is not None or len(_ledger(self.ledger)) >= n, timeout=120,

@@ -17,8 +17,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -31,40 +29,15 @@ from tests.support.daemons import (
     wait_until,
     write_vault_yaml,
 )
+from tests.support.sqlite_writer import read_ledger, start_writer
 from tests.support.trees import assert_trees_equal
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
 SEED = int(os.environ.get("OCTOFS_TEST_SEED", random.randrange(2**32)))
 
-WRITER = textwrap.dedent(
-    r"""
-    import sqlite3, sys
-    db, mode, ledger_path = sys.argv[1], sys.argv[2], sys.argv[3]
-    con = sqlite3.connect(db, isolation_level=None)
-    con.execute(f"PRAGMA journal_mode={mode}")
-    # EXTRA, not FULL: in DELETE (rollback) mode a transaction commits when its journal
-    # is unlinked, and only EXTRA fsyncs the directory after that. Under FULL the commit
-    # point never reaches the disk (or octofs) as a barrier, and SQLite itself says a
-    # power cut right after such a commit may roll it back.
-    con.execute("PRAGMA synchronous=EXTRA")
-    con.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
-    n = con.execute("SELECT coalesce(max(id), 0) FROM t").fetchone()[0]
-    ledger = open(ledger_path, "a")
-    while True:
-        n += 1
-        con.execute("BEGIN")
-        con.execute("INSERT INTO t (id, body) VALUES (?, ?)", (n, "x" * (n % 500)))
-        if n % 5 == 0:
-            con.execute("UPDATE t SET body = body || '!' WHERE id = ?", (n // 2,))
-        con.execute("COMMIT")
-        ledger.write(f"{n}\n"); ledger.flush()   # acknowledged
-    """
-)
-
-
 def _ledger(path: Path) -> list[int]:
-    return [int(x) for x in path.read_text().split()] if path.exists() else []
+    return [n for n, _ in read_ledger(path)]
 
 
 def _check_copy(replica_dir: Path, work: Path, acknowledged: list[int], *, sync: bool) -> int:
@@ -107,8 +80,11 @@ def test_primary_killed_with_writer(tmp_path: Path, secret: Path, target: Serve,
     for round_no in range(rounds):
         with mounted(vault) as m:
             before = len(_ledger(ledger))
-            writer = subprocess.Popen([sys.executable, "-c", WRITER, str(m.mnt / "app.db"), journal_mode, str(ledger)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            # EXTRA, not FULL: in DELETE (rollback) mode a transaction commits when its journal
+            # is unlinked, and only EXTRA fsyncs the directory after that. Under FULL the commit
+            # point never reaches the disk (or octofs) as a barrier, and SQLite itself says a
+            # power cut right after such a commit may roll it back.
+            writer = start_writer(m.mnt / "app.db", ledger, mode=journal_mode, synchronous="EXTRA")
             try:
                 goal = before + rng.randint(20, 120)
                 wait_until(lambda: writer.poll() is not None or len(_ledger(ledger)) >= goal, timeout=120,
@@ -143,8 +119,7 @@ def test_target_killed_during_sync_workload(tmp_path: Path, secret: Path, target
     (tmp_path / "p").mkdir()
     ledger = tmp_path / "ledger"
     with mounted(_vault(tmp_path, secret, target, "sync")) as m:
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(m.mnt / "app.db"), "wal", str(ledger)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        writer = start_writer(m.mnt / "app.db", ledger, mode="wal", synchronous="EXTRA", stderr=subprocess.DEVNULL)
         try:
             for _ in range(3):
                 goal = len(_ledger(ledger)) + rng.randint(20, 80)
