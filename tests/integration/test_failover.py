@@ -388,24 +388,29 @@ def test_witness_prevents_takeover_on_a_link_partition_and_allows_it_when_the_pr
             pair.cleanup()
 
 
+def _symmetric(pair: Pair, work: Path, primary, target) -> Path:
+    """Symmetric layout: the primary's backing dir is ROOT/web of its own serve root (returned), so that
+    it can receive the vault back as a target; the target's takeover hands it back there."""
+    p_root = work / "p" / "root"
+    p_root.mkdir()
+    pair.backing = p_root / "web"
+    pair.backing.mkdir()
+    doc = json.loads(pair.vault_yaml.read_text())
+    doc["backing"] = str(pair.backing)
+    pair.vault_yaml.write_text(json.dumps(doc))
+    entry = pair.serve_yaml["failover"][0]
+    entry["targets"] = [{"name": "back", "address": f"{primary.address}:7070"}]
+    entry["health"] = f"{target.address}:7072"
+    return p_root
+
+
 def test_planned_failover_loses_no_write_and_the_old_primary_becomes_a_target(work: Path) -> None:
     """done-means 4: `octofs failover` on a healthy pair while a writer keeps writing."""
     require_netns()
     with lan(["primary", "target"]) as hosts:
         primary, target = hosts["primary"], hosts["target"]
         pair = Pair(work, hosts, witness=False, vip=None)
-        # Symmetric layout: the primary's backing dir is ROOT/web of its own serve root, so that it
-        # can receive the vault back as a target.
-        p_root = work / "p" / "root"
-        p_root.mkdir()
-        pair.backing = p_root / "web"
-        pair.backing.mkdir()
-        doc = json.loads(pair.vault_yaml.read_text())
-        doc["backing"] = str(pair.backing)
-        pair.vault_yaml.write_text(json.dumps(doc))
-        entry = pair.serve_yaml["failover"][0]
-        entry["targets"] = [{"name": "back", "address": f"{primary.address}:7070"}]
-        entry["health"] = f"{target.address}:7072"
+        p_root = _symmetric(pair, work, primary, target)
         pair.serve_yaml["health"] = f"{target.address}:7071"
         p_serve = {"root": str(p_root), "listen": "0.0.0.0:7070", "secret_file": str(pair.secret), "discovery": False}
         try:
@@ -472,16 +477,7 @@ def test_failback_sends_only_what_changed_and_switches_back(work: Path) -> None:
     with lan(["primary", "target"]) as hosts:
         primary, target = hosts["primary"], hosts["target"]
         pair = Pair(work, hosts, witness=False, vip=None)
-        p_root = work / "p" / "root"
-        p_root.mkdir()
-        pair.backing = p_root / "web"
-        pair.backing.mkdir()
-        doc = json.loads(pair.vault_yaml.read_text())
-        doc["backing"] = str(pair.backing)
-        pair.vault_yaml.write_text(json.dumps(doc))
-        entry = pair.serve_yaml["failover"][0]
-        entry["targets"] = [{"name": "back", "address": f"{primary.address}:7070"}]
-        entry["health"] = f"{target.address}:7072"
+        p_root = _symmetric(pair, work, primary, target)
         # The old primary's own serve, for the way back: it takes the vault over again on request.
         p_serve = {"root": str(p_root), "listen": "0.0.0.0:7070", "secret_file": str(pair.secret), "discovery": False,
                    "health": f"{primary.address}:7073",
