@@ -89,7 +89,7 @@ from octofs.ops import (
     validate,
 )
 
-__all__ = ["DATA_OPS", "apply_data", "apply_op", "barrier", "open_data", "set_mtime"]
+__all__ = ["DATA_OPS", "apply_data", "apply_op", "barrier", "create_open", "open_data", "set_mtime"]
 
 # Opening one intermediate directory: O_PATH needs no read permission and opens nothing
 # for I/O; O_DIRECTORY|O_NOFOLLOW make a symlink or a file fail instead of being followed.
@@ -380,6 +380,11 @@ def _require_regular(st_mode: int, name: bytes, op: Op, *, allow_dir: bool) -> N
 
 
 def _create(parent_fd: int, name: bytes, op: CreateOp, chown: bool | None) -> None:
+    os.close(_create_fd(parent_fd, name, op, chown))
+
+
+def _create_fd(parent_fd: int, name: bytes, op: CreateOp, chown: bool | None) -> int:
+    """Apply a CreateOp; return the new file's fd, open for writing (the caller closes it)."""
     _check_mode(op.mode, op)
     try:
         # 0o600 until fchmod: never more open than the final mode while half-made.
@@ -398,8 +403,10 @@ def _create(parent_fd: int, name: bytes, op: CreateOp, chown: bool | None) -> No
         fd = os.open(name, _DATA_FLAGS | os.O_TRUNC, dir_fd=parent_fd)
     try:
         _set_owner_mode_mtime_fd(fd, name, op, chown)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
 
 
 def _mkdir(parent_fd: int, name: bytes, op: MkdirOp, chown: bool | None) -> None:
@@ -499,6 +506,22 @@ def open_data(root_fd: int, op: WriteOp | TruncateOp) -> int:
     parent_fd, name = open_parent(root_fd, op.path)
     try:
         return _open_regular(parent_fd, name, op)
+    finally:
+        if parent_fd != root_fd:
+            os.close(parent_fd)
+
+
+def create_open(root_fd: int, op: CreateOp, *, chown: bool | None = None) -> int:
+    """Apply a CreateOp exactly as ``apply_op`` does, but return the new file's fd instead of closing it.
+
+    The fd is open for writing (``O_WRONLY``, opened with ``O_NOFOLLOW`` on the file this op just
+    created or, replayed, truncated: a regular file), so it may serve as ``open_data``'s fd for
+    data ops on ``op.path`` that follow. The caller closes it. Raises what ``apply_op`` raises.
+    """
+    validate(op)
+    parent_fd, name = open_parent(root_fd, op.path)
+    try:
+        return _create_fd(parent_fd, name, op, chown)
     finally:
         if parent_fd != root_fd:
             os.close(parent_fd)

@@ -112,6 +112,7 @@ from octofs.errors import (
 )
 from octofs.ops import (
     RENAME_EXCHANGE,
+    CreateOp,
     FsyncOp,
     LinkOp,
     Op,
@@ -416,7 +417,9 @@ class Replica:
         op = rec.op
         joins = type(op) in apply.DATA_OPS and seq != self._half_done  # a data op: it may join a run
         run = self._run
+        ran = None  # the path of the run this op ends, if any
         if run is not None and not (joins and op.path == run.path):
+            ran = run.path
             self.end_run()  # anything else: the run's mtime is set and its fd closed first
         try:
             if self._touched != UNKNOWN_SEQ:
@@ -438,9 +441,15 @@ class Replica:
             elif isinstance(rec.op, FsyncOp):
                 # The barrier below (syncfs) makes this file durable with everything else: an
                 # fsync of it first would be a second flush for nothing. Still checked: the path
-                # must be a file or directory of the replica.
-                if scan.lstat(self._fd, rec.op.path) is None:
+                # must be a file or directory of the replica — known already when it ends a run of
+                # data ops on that path (the run's fd was opened through the same confined walk and
+                # nothing was applied since), the usual commit: write(s) + fsync of one file.
+                if rec.op.path != ran and scan.lstat(self._fd, rec.op.path) is None:
                     raise FileNotFoundError(errno.ENOENT, "No such file or directory", rec.op.path)
+            elif type(op) is CreateOp:
+                # The new file's fd starts a run (with nothing to set at its end: the create set
+                # the mtime), so the writes that usually follow need no walk and open of their own.
+                self._run = _DataRun(op.path, apply.create_open(self._fd, op, chown=self.owners))
             else:
                 apply.apply_op(self._fd, rec.op, chown=self.owners)
         except (OSError, OpError) as exc:

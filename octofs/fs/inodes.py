@@ -2,8 +2,24 @@
 
 Invariants:
 - A node is identified by the backing file's ``(st_dev, st_ino)`` while it has at
-  least one name; FUSE inode numbers are our own counter and are never reused, so a
-  backing inode number that the filesystem recycles can never alias an old node.
+  least one name.
+- A node's FUSE inode number (the ``st_ino`` applications see) is fixed for its life
+  and unique among the nodes in the table. It is the backing file's own ``st_ino``
+  whenever that is safe: the file is on the backing dir's device, the number is
+  neither 0 nor 1 (FUSE's root) and below 2**63, and no node in the table has it.
+  So a file keeps its number when the kernel forgets it and looks it up again, all
+  hard links of a file show one number, and numbers survive a remount. Otherwise
+  (another filesystem mounted below the backing dir, or a backing inode number the
+  filesystem recycled while the kernel still holds the old, unlinked file) the
+  number comes from a counter from 2**63 upward, which never hands a number out
+  twice: such a node's number is not stable across a FORGET.
+- A FUSE inode number is reused only after its node was dropped, i.e. once the
+  kernel has FORGOTten it (lookup counts are per number and additive, so a lookup
+  answered before a FORGET of that number is processed still balances) and nothing
+  of the table refers to it. Nothing in fs/ keeps state by FUSE inode number outside
+  the node itself (``Node`` fields, the ``_by_key``/``_entries`` entries that point
+  at it, which ``_drop`` removes, and entries named under it, which keep it alive);
+  open-file and directory handles are keyed by backing fd and hold the node object.
 - A node knows its names as ``(parent FUSE inode, name)`` pairs, never as full
   paths: renaming a directory updates one pair and every descendant's path follows.
   A directory has at most one name; a file has one per hard link we have seen.
@@ -42,6 +58,10 @@ import pyfuse3
 log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
+# FUSE inode numbers from here up come from InodeTable's counter; below it, they are
+# backing inode numbers. ext4, xfs, btrfs and tmpfs numbers stay far below.
+SPARE_BASE = 1 << 63
+_INO_END = 1 << 64  # FUSE node ids are u64
 
 
 @dataclass(slots=True, eq=False)
@@ -49,7 +69,8 @@ class Node:
     """One inode known to the kernel.
 
     Attributes:
-        ino: our FUSE inode number.
+        ino: our FUSE inode number: the backing file's ``st_ino`` when safe, else
+            one from the counter (``SPARE_BASE`` up); see the module docstring.
         key: ``(st_dev, st_ino)`` of the backing file, or None once unlinked.
         names: the entries that point at it, as ``(parent ino, name)``.
         lookups: the kernel's lookup count.
@@ -86,7 +107,8 @@ class InodeTable:
     """
 
     def __init__(self, root_key: tuple[int, int]) -> None:
-        self._next_ino = ROOT + 1
+        self._dev = root_key[0]
+        self._next_spare = SPARE_BASE
         root = Node(ROOT, root_key, lookups=1, is_dir=True, names_complete=True)
         self._nodes: dict[int, Node] = {ROOT: root}
         self._by_key: dict[tuple[int, int], int] = {root_key: ROOT}
@@ -178,8 +200,7 @@ class InodeTable:
             self._unlink_entry(parent, name)
         ino = self._by_key.get(key)
         if ino is None:
-            ino = self._next_ino
-            self._next_ino += 1
+            ino = self._new_ino(st)
             is_dir = stat.S_ISDIR(st.st_mode)
             node = Node(ino, key, is_dir=is_dir, names_complete=is_dir or st.st_nlink <= 1)
             self._nodes[ino] = node
@@ -191,6 +212,23 @@ class InodeTable:
             node.names_complete = True
         self._settle()
         return node
+
+    def _new_ino(self, st: os.stat_result) -> int:
+        """The FUSE inode number of a new node: ``st.st_ino`` if safe, else the next spare one.
+
+        A live node with the same number is an unlinked file the kernel still holds
+        whose backing number was recycled (or a stale node of a file replaced behind
+        our back): giving the new file that number would make the kernel see one
+        inode where there are two.
+        """
+        ino = st.st_ino
+        if st.st_dev == self._dev and ROOT < ino < SPARE_BASE and ino not in self._nodes:
+            return ino
+        ino = self._next_spare
+        while ino in self._nodes:  # only after 2**63 spare numbers: never in practice
+            ino = ino + 1 if ino + 1 < _INO_END else SPARE_BASE
+        self._next_spare = ino + 1 if ino + 1 < _INO_END else SPARE_BASE
+        return ino
 
     def incref(self, node: Node, count: int = 1) -> None:
         node.lookups += count

@@ -15,6 +15,7 @@ treated as unlinked, so its changes were applied but never journaled.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -42,19 +43,22 @@ def test_hard_link_in_use_after_its_other_parent_was_forgotten(tmp_path: Path, s
     ``x``) right after ``c`` listed it, and writes to it went unjournaled."""
     with mounted(_vault(tmp_path, secret, target)) as m:
         mnt = m.mnt
-        (mnt / "x").mkdir()  # x gets a lower inode number than c: its name sorts first
-        (mnt / "c").mkdir()
-        (mnt / "x" / "y").write_bytes(b"one")
-        os.link(mnt / "x" / "y", mnt / "c" / "a")
-        fd = os.open(mnt / "c" / "a", os.O_RDWR)
+        (mnt / "d1").mkdir()
+        (mnt / "d2").mkdir()
+        # x is the directory with the lower inode number (the mount shows the backing
+        # dir's numbers): the file's name under it sorts first, the one path() used.
+        x, c = sorted((mnt / "d1", mnt / "d2"), key=lambda p: p.stat().st_ino)
+        (x / "y").write_bytes(b"one")
+        os.link(x / "y", c / "a")
+        fd = os.open(c / "a", os.O_RDWR)
         try:
             _forget_unused()
-            assert os.listdir(mnt / "c") == ["a"]
-            assert (mnt / "c" / "a").read_bytes() == b"one"
+            assert os.listdir(c) == ["a"]
+            assert (c / "a").read_bytes() == b"one"
             os.pwrite(fd, b"two", 3)
-            with (mnt / "c" / "a").open("ab") as f:
+            with (c / "a").open("ab") as f:
                 f.write(b"three")
-            assert (mnt / "x" / "y").read_bytes() == b"onetwothree"
+            assert (x / "y").read_bytes() == b"onetwothree"
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -86,3 +90,76 @@ def test_adopted_name_survives_its_parents_being_forgotten(tmp_path: Path, secre
             os.close(fd)
         m.wait_synced()
         assert_trees_equal(m.backing, target.root / "vault", mtime=True)
+
+
+# -- stable inode numbers ---------------------------------------------------------------------------
+
+
+def _build_linked_tree(mnt: Path) -> None:
+    """Directories with files hard-linked across them, plus plain files, made through the mount."""
+    for d in ("a", "a/b", "c", "c/d/e"):
+        (mnt / d).mkdir(parents=True, exist_ok=True)
+    for i in range(4):
+        (mnt / "a" / f"f{i}").write_bytes(b"%d" % i)
+        os.link(mnt / "a" / f"f{i}", mnt / "c" / "d" / "e" / f"link{i}")
+    os.link(mnt / "a" / "f0", mnt / "a" / "b" / "second-link-of-f0")
+    (mnt / "c" / "plain").write_bytes(b"p")
+    os.symlink("a/f1", mnt / "sym")
+
+
+def _numbers(root: Path, *, forget_between: bool = False) -> dict[str, tuple[int, int]]:
+    """``{relpath: (st_ino, st_nlink)}`` of every entry below ``root`` (not ``root`` itself),
+    in a tree walk; with ``forget_between``, the kernel forgets everything unused before each lstat."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            if forget_between:
+                _forget_unused()
+            st = path.lstat()
+            out[str(path.relative_to(root))] = (st.st_ino, st.st_nlink)
+    return out
+
+
+def test_hard_links_keep_the_backing_st_ino_after_the_kernel_forgets(tmp_path: Path) -> None:
+    """Two names of one file show one ``st_ino``, the backing file's, even when the kernel forgot
+    the file between the two stats (it used to get a fresh number from a counter each time
+    the kernel looked it up again, so ``tar``, ``rsync -H``, ``du`` saw two files)."""
+    with mounted(write_vault_yaml(tmp_path)) as m:
+        mnt = m.mnt
+        _build_linked_tree(mnt)
+        want = (m.backing / "a" / "f2").lstat().st_ino
+        first = (mnt / "a" / "f2").lstat().st_ino
+        _forget_unused()
+        second = (mnt / "c" / "d" / "e" / "link2").lstat().st_ino
+        _forget_unused()
+        third = (mnt / "a" / "f2").lstat().st_ino
+        assert first == second == third == want
+
+        # A tree walk during which the kernel forgets everything unused before each stat:
+        # every entry shows its backing inode number, so the hard links agree.
+        walked = _numbers(mnt, forget_between=True)
+        backing = _numbers(m.backing)
+        assert walked == backing
+        groups: dict[int, set[str]] = {}
+        for rel, (ino, _) in walked.items():
+            groups.setdefault(ino, set()).add(rel)
+        assert groups[walked["a/f0"][0]] == {"a/f0", "a/b/second-link-of-f0", "c/d/e/link0"}
+        assert groups[walked["a/f3"][0]] == {"a/f3", "c/d/e/link3"}
+        assert len(groups) == len(walked) - 5  # 5 extra names: one per link made above
+        # find -samefile, which compares (st_dev, st_ino), finds every link.
+        found = subprocess.run(["find", str(mnt), "-samefile", str(mnt / "c/d/e/link0")],
+                               capture_output=True, text=True, check=True).stdout.split()
+        assert sorted(found) == sorted(str(mnt / r) for r in groups[walked["a/f0"][0]])
+
+
+def test_st_ino_is_stable_across_a_remount(tmp_path: Path) -> None:
+    vault = write_vault_yaml(tmp_path)
+    with mounted(vault) as m:
+        _build_linked_tree(m.mnt)
+        before = _numbers(m.mnt)
+        backing = m.backing
+    assert m.proc.returncode == 0
+    with mounted(vault) as m:
+        after = _numbers(m.mnt)
+    assert before == after == _numbers(backing)

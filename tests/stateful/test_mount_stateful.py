@@ -19,6 +19,8 @@ part of the behaviour, not a test failure.
 Checks:
 - after every step (``mount_matches_backing``): the mount and the backing dir show
   the same tree, mtimes of non-directories included (it is a passthrough);
+- after every step (``inode_numbers_follow_backing``): the mount shows one ``st_ino``
+  per backing file, the same for all its hard links, never one for two files;
 - ``sync_and_compare`` (a rule) and ``teardown``: a replica kept in step with the
   journal (only new records are applied, with ``apply_op``) equals the backing dir:
   content, type, mode, size, owner, symlink targets, hard-link groups, xattrs, mtimes.
@@ -688,6 +690,22 @@ class MountMachine(RuleBasedStateMachine):
         self.h.replica.catch_up()
         lines = diff_snapshots(tree_snapshot(self.h.backing, mtime=True), tree_snapshot(self.h.mnt, mtime=True))
         assert not lines, "the mount and the backing dir differ (a=backing, b=mount):\n" + "\n".join(lines[:60])
+
+    @invariant()
+    def inode_numbers_follow_backing(self) -> None:
+        """One ``st_ino`` per backing file on the mount: hard links agree, even after the kernel
+        forgot them (``kernel_forgets``), and two files never share one (fs/inodes.py)."""
+        by_file: dict[tuple[int, int], tuple[int, str]] = {}
+        by_ino: dict[int, tuple[tuple[int, int], str]] = {}
+        for dirpath, dirnames, filenames in os.walk(self.h.backing):
+            for name in dirnames + filenames:
+                rel = os.path.relpath(os.path.join(dirpath, name), self.h.backing)
+                b, m = os.lstat(os.path.join(self.h.backing, rel)), os.lstat(os.path.join(self.h.mnt, rel))
+                key = (b.st_dev, b.st_ino)
+                first_ino, first_rel = by_file.setdefault(key, (m.st_ino, rel))
+                assert first_ino == m.st_ino, f"links {first_rel} and {rel}: st_ino {first_ino} != {m.st_ino}"
+                first_key, first_rel = by_ino.setdefault(m.st_ino, (key, rel))
+                assert first_key == key, f"{first_rel} and {rel} are two files with one st_ino {m.st_ino}"
 
     def teardown(self) -> None:
         self.h.check_alive()

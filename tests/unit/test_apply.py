@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from octofs import apply as apply_mod
-from octofs.apply import apply_op, barrier
+from octofs.apply import apply_op, barrier, create_open
 from octofs.errors import OpError
 from octofs.ops import (
     RENAME_EXCHANGE,
@@ -127,6 +127,31 @@ def test_create_over_dir_or_symlink_fails(replica, root_fd):
 def test_create_in_missing_dir(root_fd):
     with pytest.raises(FileNotFoundError):
         run(root_fd, CreateOp(b"no/f", 0o644, 0, 0, T1))
+
+
+def test_create_open_is_apply_op_with_the_fd_kept(replica, root_fd, tmp_path):
+    """create_open: the same result as apply_op (first time and replayed), an fd for writing the
+    new file, the parent resolved confined; only its own fd is left open, and only on success."""
+    (replica / "d").mkdir()
+    op = CreateOp(b"d/f", 0o444, os.geteuid(), os.getegid(), T1)
+    before = _fd_count()
+    for data in (b"first", b"replayed"):
+        fd = create_open(root_fd, op)
+        try:
+            assert _fd_count() == before + 1
+            s = os.fstat(fd)
+            assert (s.st_size, stat.S_IMODE(s.st_mode), s.st_mtime_ns) == (0, 0o444, T1)
+            os.pwrite(fd, data, 0)
+        finally:
+            os.close(fd)
+        assert (replica / "d/f").read_bytes() == data
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, replica / "s")
+    for path, exc in ((b"s/f", OSError), (b"d", FileExistsError), (b"../f", OpError)):
+        with pytest.raises(exc):
+            create_open(root_fd, CreateOp(path, 0o644, 0, 0, T1))
+    assert _fd_count() == before and os.listdir(outside) == []
 
 
 @pytest.mark.parametrize("mode", [0o755, 0o700, 0o1777, 0o2750])

@@ -203,9 +203,14 @@ def test_nothing_after_a_barrier_before_it_is_durable(root: Path, monkeypatch: p
         seen.append(rep.durable_seq)
         real_data(fd, op)
 
-    real_data = apply.apply_data
+    def spy_create(fd, op, **kw):
+        seen.append(rep.durable_seq)
+        return real_create(fd, op, **kw)
+
+    real_data, real_create = apply.apply_data, apply.create_open
     monkeypatch.setattr(apply, "apply_op", spy)
     monkeypatch.setattr(apply, "apply_data", spy_data)  # writes go through the run's fd
+    monkeypatch.setattr(apply, "create_open", spy_create)  # creates keep their fd for a run
     apply_all(rep, [create(b"f"), FsyncOp(b"f"), write(b"f", b"x"), create(b"g")])
     # ops 3 and 4 were applied with durable_seq already 2 (the barrier's seq). The FsyncOp itself
     # is not handed to apply_op: the barrier's syncfs makes its file durable.
@@ -412,10 +417,30 @@ def test_a_run_of_writes_uses_one_open(root: Path, monkeypatch: pytest.MonkeyPat
     opens: list[bytes] = []
     real = apply.open_data
     monkeypatch.setattr(apply, "open_data", lambda fd, op: (opens.append(op.path), real(fd, op))[1])
-    replayer._apply_all(rep, [rec(i, o) for i, o in enumerate(RUN, 1)])
+    replayer._apply_all(rep, [rec(1, RUN[0])])  # the create in a batch of its own: its fd is closed
+    replayer._apply_all(rep, [rec(i, o) for i, o in enumerate(RUN[1:], 2)])
     assert opens == [b"f"] and rep._run is None  # the batch's end closed it
     assert mtime(root / "v/f") == T + 10
     rep.close()
+
+
+def test_a_create_keeps_its_fd_for_the_writes_after_it(root: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new file's fd starts the run: no open of its own for the writes; mode, owner, data and
+    mtime as applying each op through apply_op gives, also for a mode without write permission."""
+    opens: list[bytes] = []
+    real = apply.open_data
+    monkeypatch.setattr(apply, "open_data", lambda fd, op: (opens.append(op.path), real(fd, op))[1])
+    ops = [*RUN, CreateOp(b"ro", 0o444, os.getuid(), os.getgid(), T + 20), wr(b"ro", b"data", 0, 21),
+           create(b"empty"), create(b"f2"), wr(b"f", b"again", 1, 22)]
+    rep = open_replica(root)
+    replayer._apply_all(rep, [rec(i, o) for i, o in enumerate(ops, 1)])
+    assert opens == [b"f"] and rep._run is None  # only the write after other files' creates opened f
+    rep.close()
+    assert tree_snapshot(root / "v", mtime=True) == tree_snapshot(expected_tree(tmp_path, ops), mtime=True)
+    st = os.stat(root / "v/ro")
+    assert (st.st_mode & 0o7777, st.st_mtime_ns, (root / "v/ro").read_bytes()) == (0o444, T + 21, b"data")
+    assert mtime(root / "v/empty") == T and (root / "v/empty").read_bytes() == b""
 
 
 def test_data_ops_on_other_paths_each_get_their_own_file(root: Path, tmp_path: Path) -> None:
