@@ -63,7 +63,11 @@ the page cache, which survives a kill of this process but not of the machine.
 Runs of data ops. Consecutive data ops (WriteOp, TruncateOp) on one path — a buffered
 write stream, a database commit — share one fd (``_DataRun``): opened by the first
 through ``apply.open_data``, exactly ``apply_op``'s open (validated, the confined walk,
-regular files only, ``O_NOFOLLOW``), so confinement is as strong as for any op. The
+regular files only, ``O_NOFOLLOW``), so confinement is as strong as for any op. A CreateOp
+starts a run with the new file's own fd (``apply.create_open``: apply_op's create, the fd
+kept), with no mtime to set at its end, so the writes that follow a create (small files, a
+SQLite rollback journal) need no walk and open of their own; the create itself is recorded
+"done" at once, like any op that is not a data op. The
 file's mtime is set once, to the run's last op's ``mtime_ns``, when the run ends
 (``end_run``): before any other op is applied (any other path, any namespace, metadata
 or xattr op, a barrier), before ``make_durable``/``settle``, at the end of every batch
