@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemons import mounted, write_vault_yaml
+from tests.support.daemons import mounted, wait_until, write_vault_yaml
 from tests.support.trees import assert_trees_equal
 
 pytestmark = pytest.mark.fuse
@@ -163,3 +163,50 @@ def test_st_ino_is_stable_across_a_remount(tmp_path: Path) -> None:
     with mounted(vault) as m:
         after = _numbers(m.mnt)
     assert before == after == _numbers(backing)
+
+
+def test_recycled_backing_number_while_the_kernel_holds_the_old_file(tmp_path: Path) -> None:
+    """The kernel still holds an unlinked file (a bind mount of it in another mount namespace
+    pins it; octofs has no backing fd on it, so ext4 frees its inode number at once and hands it
+    to the next new file). The new file must not get the number the kernel still uses for the
+    old one: it gets a spare one (2**63 up). Once the kernel lets go of the old file (FORGET), the
+    new file gets its backing number the next time the kernel looks it up."""
+    with mounted(write_vault_yaml(tmp_path)) as m:
+        mnt = m.mnt
+        (mnt / "old").write_bytes(b"old")
+        number = (mnt / "old").lstat().st_ino
+        assert number == (m.backing / "old").lstat().st_ino
+        hold = tmp_path / "hold"
+        hold.write_bytes(b"")
+        holder = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+             f'mount --bind "{mnt / "old"}" "{hold}" && echo ready && read _'],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline() == "ready\n"
+            os.unlink(mnt / "old")  # allowed: the bind mount lives in the other namespace only
+            new = None
+            for i in range(100):  # ext4 reuses the freed number for the very next inode here
+                (mnt / f"new{i}").write_bytes(b"new")
+                if (m.backing / f"new{i}").lstat().st_ino == number:
+                    new = mnt / f"new{i}"
+                    break
+            assert new is not None, "the backing filesystem did not recycle the inode number"
+            spare = new.lstat().st_ino
+            assert spare >= 1 << 63
+            held = subprocess.run(["nsenter", "-t", str(holder.pid), "-m", "stat", "-c", "%i", str(hold)],
+                                  capture_output=True, text=True, check=True).stdout
+            assert int(held) == number  # the kernel's old inode keeps its number
+            holder.communicate("\n", timeout=30)  # lets go of the old file
+            assert holder.returncode == 0
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+            holder.wait()
+        assert new.lstat().st_ino == spare  # still held by the kernel: unchanged
+
+        def renumbered() -> bool:
+            _forget_unused()
+            return new.lstat().st_ino == number
+        wait_until(renumbered, timeout=10, what="the new file to get its backing inode number")
+        assert new.read_bytes() == b"new"
