@@ -237,29 +237,42 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         self.inodes.incref(node)
         return self._attrs(node, st)
 
-    def _owner_for_new(self, parent_rel: bytes, ctx: pyfuse3.RequestContext) -> tuple[int, int] | None:
-        """The owner a new node should get, or None when we cannot chown (not root).
+    def _own_new(self, node: bytes | int, parent_rel: bytes, ctx: pyfuse3.RequestContext,
+                 wanted_mode: int | None) -> os.stat_result:
+        """Give a just-created node (its backing path, or an fd open on it) the requester's owner,
+        restore set-ID bits chown cleared; return its stat.
 
-        The group follows the parent when the parent is set-group-ID (BSD group
-        semantics), exactly as the kernel does for a native create.
+        The group follows the parent when the parent is set-group-ID (BSD group semantics),
+        exactly as the kernel does for a native create. The kernel did the same for our own
+        create, so the node already has the parent's group (set-group-ID parent) or ours: if
+        that is the requester's group, it is the right one either way and the parent is not
+        looked at; if the owner is already right, there is no chown. Not root: no chown at all.
         """
-        if not self._is_root_user:
-            return None
-        pst = os.lstat(self._abs(parent_rel))
-        gid = pst.st_gid if pst.st_mode & stat.S_ISGID else ctx.gid
-        return ctx.uid, gid
-
-    def _chown_new(self, abs_path: bytes, owner: tuple[int, int] | None, wanted_mode: int | None) -> os.stat_result:
-        """Give a just-created node its owner, restore mode bits chown cleared; return its lstat."""
-        if owner is not None:
-            os.chown(abs_path, owner[0], owner[1], follow_symlinks=False)
-        st = os.lstat(abs_path)
+        by_fd = type(node) is int
+        st = os.fstat(node) if by_fd else os.lstat(node)
+        if self._is_root_user:
+            gid = ctx.gid
+            if st.st_gid != gid:
+                pst = os.lstat(self._abs(parent_rel))
+                if pst.st_mode & stat.S_ISGID:
+                    gid = pst.st_gid
+            if (st.st_uid, st.st_gid) != (ctx.uid, gid):
+                if by_fd:
+                    os.fchown(node, ctx.uid, gid)
+                    st = os.fstat(node)
+                else:
+                    os.chown(node, ctx.uid, gid, follow_symlinks=False)
+                    st = os.lstat(node)
         if wanted_mode is not None and not stat.S_ISLNK(st.st_mode):
             # Only the set-ID bits: other bits may be missing on purpose (a default ACL masks them).
             lost = wanted_mode & ~st.st_mode & (stat.S_ISUID | stat.S_ISGID)
             if lost:  # chown() by root clears set-user/group-ID bits the caller asked for
-                os.chmod(abs_path, (st.st_mode | lost) & 0o7777)
-                st = os.lstat(abs_path)
+                if by_fd:
+                    os.fchmod(node, (st.st_mode | lost) & 0o7777)
+                    st = os.fstat(node)
+                else:
+                    os.chmod(node, (st.st_mode | lost) & 0o7777)
+                    st = os.lstat(node)
         return st
 
     async def _admit(self) -> None:
@@ -541,7 +554,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         path = self._abs(rel)
         perm = stat.S_IMODE(mode) & ~ctx.umask
         _passthrough(os.mknod, path, stat.S_IFMT(mode) | perm, rdev)
-        st = _passthrough(self._chown_new, path, self._owner_for_new(parent_rel, ctx), perm)
+        st = _passthrough(self._own_new, path, parent_rel, ctx, perm)
         if not self._excluded(rel, False):
             self._record(MknodOp(rel, st.st_mode, st.st_rdev, st.st_uid, st.st_gid, st.st_mtime_ns))
         return self._new_entry(parent_inode, name, st)
@@ -554,7 +567,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         path = self._abs(rel)
         perm = stat.S_IMODE(mode) & ~ctx.umask
         _passthrough(os.mkdir, path, perm)
-        st = _passthrough(self._chown_new, path, self._owner_for_new(parent_rel, ctx), perm)
+        st = _passthrough(self._own_new, path, parent_rel, ctx, perm)
         if not self._excluded(rel, True):
             self._record(MkdirOp(rel, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns))
         return self._new_entry(parent_inode, name, st)
@@ -566,7 +579,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         self.recorder.intend(rel)
         path = self._abs(rel)
         _passthrough(os.symlink, target, path)
-        st = _passthrough(self._chown_new, path, self._owner_for_new(parent_rel, ctx), None)
+        st = _passthrough(self._own_new, path, parent_rel, ctx, None)
         if not self._excluded(rel, False):
             self._record(SymlinkOp(rel, target, st.st_uid, st.st_gid, st.st_mtime_ns))
         return self._new_entry(parent_inode, name, st)
@@ -693,7 +706,7 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
             os.open, path, (flags & ~_STRIP_FLAGS) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, perm
         )
         try:
-            st = self._chown_new(path, self._owner_for_new(parent_rel, ctx), perm)
+            st = self._own_new(fd, parent_rel, ctx, perm)
         except OSError as exc:
             os.close(fd)
             os.unlink(path)

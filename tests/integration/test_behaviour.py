@@ -1200,6 +1200,32 @@ def setgid_directory_inheritance(root):
     return [st(J(d, "f")), st(J(d, "sub")), st(J(d, "fifo")), st(J(d, "link")), st(J(d, "sgid"))]
 
 
+def _setup_own_group(root: str) -> None:
+    for name, gid in (("own", NOBODY[1]), ("other", OTHER_GID)):
+        os.mkdir(J(root, name))
+        os.chown(J(root, name), 0, gid)
+        os.chmod(J(root, name), 0o2777)
+    os.mkdir(J(root, "plain"))
+    os.chmod(J(root, "plain"), 0o777)
+
+
+@scenario(setup=_setup_own_group, user=NOBODY)
+def nobody_creates_in_set_group_id_dirs(root):
+    """The daemon skips the parent's lstat when the new node already has the requester's group
+    (set-group-ID parent of the requester's own group, or none) and the chown when the owner is
+    right: the group, the inherited set-group-ID bit of directories and the set-ID bits a member
+    of the group asked for must come out as natively in all three directories."""
+    out = []
+    for d in ("own", "other", "plain"):
+        f = J(root, d, "f")
+        out += [try_open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o2775), st(f)]
+        out += [try_open(J(root, d, "u"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o4755), st(J(root, d, "u"))]
+        out += [err(os.mkdir, J(root, d, "sub"), 0o755), st(J(root, d, "sub"))]
+        out += [err(os.mkfifo, J(root, d, "fifo"), 0o2644), st(J(root, d, "fifo"))]
+        out += [err(os.symlink, "f", J(root, d, "link")), st(J(root, d, "link"))]
+    return out
+
+
 @scenario
 def odd_names(root):
     out = []
