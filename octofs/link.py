@@ -1,4 +1,5 @@
-"""link.py: owns opening the replication link: TCP, then TLS when configured (docs/FORMAT.md §7.12), on both sides.
+"""link.py: owns opening the replication link: TCP, then TLS when configured (docs/FORMAT.md §7.12), on both sides;
+and the link's cheap send of a small frame (``send_now``) for the per-batch hot path.
 
 Invariants:
 - With TLS, no octofs frame is sent or read before the TLS handshake has
@@ -10,6 +11,7 @@ Invariants:
 
 from __future__ import annotations
 
+import os
 import ssl
 
 import trio
@@ -49,6 +51,28 @@ async def open_link(host: str, port: int, *, tls: ClientTls | None, peer: str,
         await trio.aclose_forcefully(tcp)
         raise
     return stream
+
+
+def send_now(stream: trio.abc.Stream, data: bytes | memoryview) -> int:
+    """Hand ``data`` to the kernel at once on a plain TCP stream: the count of bytes it took (0 if it
+    would block, or if ``stream`` is not plain TCP, e.g. TLS). No trio checkpoint, no task switch.
+
+    For the small frames of the replication hot path (a target's ``ack``, a primary's op batch of one
+    commit): ``send_all`` costs a scheduler pass even when the kernel takes everything at once
+    (docs/PERFORMANCE.md). The caller sends the rest, if any, with ``send_all``, and must be the
+    only task sending on ``stream`` (a send lock, or one task per connection).
+
+    Raises:
+        trio.BrokenResourceError: the connection is gone (as ``send_all`` would raise it).
+    """
+    if type(stream) is not trio.SocketStream:
+        return 0
+    try:
+        return os.write(stream.socket.fileno(), data)  # the socket is non-blocking (trio made it so)
+    except BlockingIOError:
+        return 0
+    except OSError as exc:
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
 
 def tls_refusal(exc: BaseException, peer: str) -> PeerCertificateError | None:

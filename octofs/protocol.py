@@ -250,7 +250,18 @@ _OPTIONAL: dict[type, frozenset[str]] = {Welcome: frozenset({"needs_resync", "sy
 
 def encode(msg: Message) -> bytes:
     """One frame: length prefix + msgpack map."""
-    body: dict[str, object] = {"t": _TAGS[type(msg)]}
+    cls = type(msg)
+    # The two frames of every op batch (one per commit in a write + fsync stream): built directly,
+    # the same bytes as the generic loop below.
+    if cls is Ack:
+        payload = codec.packb({"t": "ack", "seq": msg.seq})
+        return _LEN.pack(len(payload)) + payload
+    if cls is OpBatch:
+        payload = codec.packb({"t": "ops", "records": list(msg.records), "epoch": msg.epoch})
+        if len(payload) > MAX_FRAME_BYTES:
+            raise ValueError(f"frame of {len(payload)} bytes exceeds MAX_FRAME_BYTES")
+        return _LEN.pack(len(payload)) + payload
+    body: dict[str, object] = {"t": _TAGS[cls]}
     for name in _FIELDS[type(msg)]:
         value = getattr(msg, name)
         if value is None and name in _OPTIONAL.get(type(msg), ()):
@@ -310,7 +321,17 @@ def decode_payload(payload: bytes, peer: str = "peer", *, compress: str | None =
     if not isinstance(body, dict):
         raise ProtocolError(peer=peer, reason="frame is not a map")
     tag = body.get("t")
-    if tag == "zops":
+    # The hot frames first: a well-formed `ops` or `ack` is built at once; anything else about
+    # them (a missing or ill-typed field) goes on to the generic checks, which name the fault.
+    if tag == "ops":
+        records, epoch = body.get("records"), body.get("epoch", 0)
+        if type(records) is list and type(epoch) is int and epoch >= 0 and all(type(r) is bytes for r in records):
+            return OpBatch(tuple(records), epoch)
+    elif tag == "ack":
+        seq = body.get("seq")
+        if type(seq) is int and seq >= 0:
+            return Ack(seq)
+    elif tag == "zops":
         return _decode_zops(body, peer, compress)
     cls = _TYPES.get(tag) if isinstance(tag, str) else None
     if cls is None:

@@ -46,7 +46,7 @@ from octofs.errors import (
 )
 from octofs.exclude import ExcludeFilter
 from octofs.journal import JournalReader
-from octofs.link import TokenBucket, open_link, tls_refusal
+from octofs.link import TokenBucket, open_link, send_now, tls_refusal
 from octofs.ops import Record
 from octofs.recorder import Recorder
 from octofs.syncer import SyncJob
@@ -645,9 +645,22 @@ class Shipper:
             frame = await self._op_frame(batch, size)
             if self._bucket is not None:  # bandwidth: (bytes/s)
                 await self._bucket.take(len(frame))
-            async with send_lock:
-                await stream.send_all(frame)
-                self._set_sent(last_seq)
+            if last_seq >= writer.last_seq and not send_lock.locked():
+                # Caught up (a commit's batch; the next round waits for an append, a checkpoint):
+                # the lock taken without waiting and the frame handed to the kernel at once, no
+                # scheduler pass for either unless the socket is full (docs/PERFORMANCE.md).
+                send_lock.acquire_nowait()
+                try:
+                    sent = send_now(stream, frame)
+                    if sent < len(frame):
+                        await stream.send_all(memoryview(frame)[sent:])
+                    self._set_sent(last_seq)
+                finally:
+                    send_lock.release()
+            else:
+                async with send_lock:
+                    await stream.send_all(frame)
+                    self._set_sent(last_seq)
             self.bytes_sent += len(frame)
             self._inflight.append((last_seq, len(frame)))
             self._inflight_bytes += len(frame)
