@@ -28,6 +28,8 @@ Invariants:
   no longer affect the tree. "No names" means no name *in the backing dir*: when an
   open file loses the last name we knew but still has hard links we never saw,
   operations.py finds one and ``adopt``s it, so its changes keep being journaled.
+  Such a node (``names_complete`` False) also keeps its key, so that a lookup of a
+  name we never saw finds it (and its FUSE inode number) again.
 - ``names_complete`` is True only while ``names`` holds *every* name the backing
   file has (a directory, a file we created, a file whose st_nlink equals the names
   seen). Changes through the mount keep it true; operations.py relies on it to pick
@@ -299,8 +301,12 @@ class InodeTable:
         if node is None:
             return
         node.names.discard((parent, name))
-        if not node.names and node.key is not None:
+        if not node.names and node.key is not None and node.names_complete:
             # No name left: the backing inode number may be recycled by a new file.
+            # (Without names_complete the file still has a name the kernel never looked
+            # up: it looks up every name it unlinks or renames over, so that name is still
+            # there. The node stays keyed, and looking that name up finds it again, under
+            # the number the kernel may still hold it by.)
             if self._by_key.get(node.key) == ino:
                 del self._by_key[node.key]
             node.key = None

@@ -210,3 +210,19 @@ def test_recycled_backing_number_while_the_kernel_holds_the_old_file(tmp_path: P
             return new.lstat().st_ino == number
         wait_until(renumbered, timeout=10, what="the new file to get its backing inode number")
         assert new.read_bytes() == b"new"
+
+
+def test_last_link_keeps_the_number_after_the_known_link_is_unlinked(tmp_path: Path) -> None:
+    """``p`` and ``q`` are one file; after the kernel forgot it, it looks up only ``p``, unlinks
+    it, and keeps the inode cached. ``q`` must show the file's own number: octofs knew the
+    file had a name it had not seen, so the node stays the file's."""
+    with mounted(write_vault_yaml(tmp_path)) as m:
+        mnt = m.mnt
+        (mnt / "p").write_bytes(b"pq")
+        os.link(mnt / "p", mnt / "q")
+        number = (m.backing / "p").lstat().st_ino
+        _forget_unused()
+        assert (mnt / "p").lstat().st_ino == number  # the kernel learns p only
+        os.unlink(mnt / "p")
+        assert (mnt / "q").lstat().st_ino == number
+        assert (mnt / "q").read_bytes() == b"pq"

@@ -153,20 +153,18 @@ def test_kept_directory_keeps_its_number_for_the_next_lookup() -> None:
 
 
 def test_other_link_of_a_file_whose_known_names_were_unlinked() -> None:
-    """Known gap: the kernel looked up only ``p`` of the links ``p`` and ``q`` and still holds the
-    file after ``unlink p``; the table takes it for unlinked (it has no name it knows of), so ``q``
-    gets a node of its own, under a spare number while the old node holds the backing one. No
-    aliasing: two numbers for one file, as before stable numbers; ``q`` gets its own number
-    once the kernel forgets both."""
+    """The kernel looked up only ``p`` of the links ``p`` and ``q`` and still holds the file after
+    ``unlink p``: ``q``, looked up next, is the same node under the same number (the node knew
+    a name was missing, ``names_complete``), as on a native filesystem."""
     table = InodeTable((DEV, ROOT_INO))
     assert _lookup(table, ROOT, b"p", _st(20, nlink=2)) == 20
     table.unlinked(ROOT, b"p")
-    assert table[20].key is None
-    other = _lookup(table, ROOT, b"q", _st(20, nlink=1))
-    assert other >= SPARE_BASE
-    table.forget(20, 1)
-    table.forget(other, 1)
+    assert table.path(20) is None and table[20].key == (DEV, 20)
     assert _lookup(table, ROOT, b"q", _st(20, nlink=1)) == 20
+    assert table.path(20) == b"q" and table[20].names_complete
+    table.unlinked(ROOT, b"q")  # now every name is gone: the number is free for a new file
+    assert table[20].key is None and table.by_key((DEV, 20)) is None
+    assert _lookup(table, ROOT, b"new", _st(20)) >= SPARE_BASE  # the kernel still holds the old one
     check_table(table)
 
 
@@ -332,9 +330,9 @@ class InodeNumbers(RuleBasedStateMachine):
             assert node is not None, f"the kernel holds {ino}, the table dropped it"
             if ino != ROOT:
                 assert node.lookups == count
-            if node.names and ino != ROOT:
-                # (A node whose known names were all unlinked looks unlinked, key None, even
-                # when the file lives on under a name the kernel never looked up.)
+            if ino != ROOT and (node.names or node.key is not None):
+                # Linked, or every known name unlinked while the file lives on under a name
+                # the kernel never looked up: keyed, and the file really has those names.
                 assert f.names and node.key == (DEV, f.st_ino)
                 assert {(self._dir_of(p), n) for p, n in node.names} <= f.names
 
