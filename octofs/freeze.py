@@ -104,6 +104,7 @@ class FreezeGate:
         self._wake: trio.CancelScope | None = None
         self._exclusive: trio.Event | None = None  # set while a freeze makes the replica durable
         self._prev: object = None
+        self._prev_last: tuple[int, int] | None = None  # (seq, time_ns) of _prev's last record, if told
         self._replica: Any = None
         self._time_fd: int | None = None
         self._applied_time: tuple[int, int] | None = None
@@ -128,7 +129,7 @@ class FreezeGate:
         try:
             yield self
         finally:
-            self._prev = None
+            self._prev = self._prev_last = None
             self._held.clear()
             self._held_bytes = 0
             self.reading = True
@@ -205,18 +206,26 @@ class FreezeGate:
                 return  # refused as a whole when it is applied
             self.primary_last_seq = max(self.primary_last_seq or 0, seq)
 
+    def applied(self, seq: int, time_ns: int) -> None:
+        """The connection task has applied the batch it was handed, ending with record ``seq`` of
+        ``time_ns``: spares decoding that record again (docs/PERFORMANCE.md)."""
+        self._prev_last = (seq, time_ns)
+
     def _done_with_previous(self) -> None:
         prev, self._prev = self._prev, None
+        last, self._prev_last = self._prev_last, None
         if isinstance(prev, protocol.OpBatch) and prev.records and self._replica is not None:
-            try:
-                rec = codec.decode_record(prev.records[-1])
-            except OpError:
-                rec = None
-            if rec is not None and rec.seq == self._replica.applied_seq:
-                self._applied_time = (rec.seq, rec.time_ns)
+            if last is None:
+                try:
+                    rec = codec.decode_record(prev.records[-1])
+                except OpError:
+                    rec = None
+                last = (rec.seq, rec.time_ns) if rec is not None else None
+            if last is not None and last[0] == self._replica.applied_seq:
+                self._applied_time = last
                 if self._time_fd is not None:
                     try:
-                        os.pwrite(self._time_fd, _APPLIED_TIME.pack(rec.seq, rec.time_ns), 0)
+                        os.pwrite(self._time_fd, _APPLIED_TIME.pack(*last), 0)
                     except OSError as exc:
                         log.debug("vault %s: cannot write %s: %s", self.vault, APPLIED_TIME_FILE, exc)
         self._set_busy(False)

@@ -464,6 +464,8 @@ class TargetServer:
                     raise _Refused("apply", exc.message, logging.ERROR) from None
                 except ProtocolError as exc:  # a seq gap
                     raise ProtocolError(peer=peer, reason=str(exc.fields.get("reason", exc.message))) from None
+                if records:
+                    slot.freeze.applied(records[-1].seq, records[-1].time_ns)  # for its applied_time
                 since_durable_bytes += batch_bytes
                 slot.op_bytes_received += batch_bytes
                 now = trio.current_time()

@@ -286,3 +286,24 @@ async def test_a_takeover_ends_the_freeze_and_drops_what_was_held(server: Target
         assert v["frozen"] is None and (v["last_freeze"]["id"], v["last_freeze"]["how"]) == (reply["id"], "taken over")
         again = await ctl(server, "freeze", vault="v", max_s=60)
         assert not again["ok"] and "taken over here" in again["error"], again
+
+
+async def test_the_primary_time_of_a_batch_comes_from_the_replayer_not_a_second_decode(
+        server: TargetServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replayer hands the gate its last applied record's (seq, time): no record is decoded twice
+    per batch (docs/PERFORMANCE.md), and a freeze still names the primary's time of its seq."""
+
+    class NoDecode:
+        @staticmethod
+        def decode_record(payload: bytes):
+            raise AssertionError("the freeze gate decoded a record the replayer had decoded")
+
+    monkeypatch.setattr(freeze, "codec", NoDecode)
+    with trio.fail_after(20):
+        p, _ = await connect(server)
+        await p.send_records(file_ops(1, 3))
+        assert await p.wait_ack(3) == 3
+        assert await p.heartbeat_ack(3) == 3  # the gate has been through the batch's end
+        reply = await ctl(server, "freeze", vault="v", max_s=60)
+        assert reply["ok"] and reply["seq"] == 3 and reply["primary_time_ns"] == T + 3, reply
+        assert (await ctl(server, "thaw", vault="v"))["status"] == "thawed"
