@@ -9,11 +9,9 @@ Invariants:
 - ``JournalWriter.append`` writes a whole record with ``pwrite`` on a raw fd (no user-space buffer, no fsync).
   If that fails, the segment is cut back to the last whole record and ``last_seq`` is unchanged; if the cut
   itself fails, the writer refuses every later append ("failed").
-- ``durable_seq`` grows only after every segment holding seqs up to it was fdatasynced, and the journal directory,
-  when a segment was created, fsynced. A failed fsync also makes the writer "failed": after a failed fsync the
-  kernel may have dropped the dirty pages, so a retry could succeed without the data being on disk.
-- Only the live segment has zeros after its last record (preallocated, docs/FORMAT.md §3): a segment is cut to its
-  last record when it stops being the live one, and readers stop at a frame of zeros.
+- ``durable_seq`` grows only after every segment holding seqs up to it, and the journal directory when a segment
+  was created, were fsynced. A failed fsync also makes the writer "failed": after a failed fsync the kernel may
+  have dropped the dirty pages, so a retry could succeed without the data being on disk.
 - Segment fds are closed only by ``finish_sync``/``close`` on the event-loop thread, never while a ``SyncTicket``
   (being run by a worker thread) holds them.
 - ``JournalWriter.open`` leaves no torn tail behind, and never cuts anything that is followed by a valid record:
@@ -60,17 +58,6 @@ from octofs.segment import (
 )
 
 log = logging.getLogger(__name__)
-
-# Preallocation of the live segment (docs/FORMAT.md §3): after a record smaller than
-# PREALLOC_SMALL_RECORD, if fewer than PREALLOC_LOW zero bytes are left after it, the writer
-# writes zeros up to PREALLOC_BYTES beyond it (never past max_segment_bytes). A record then
-# lands in blocks that already exist, and the fdatasync that makes it durable flushes data
-# only, without a commit of the filesystem's own journal. Large records (sequential writes)
-# just append: their commits are few, and zeros ahead of them would double what is written.
-PREALLOC_BYTES = 1 << 20
-PREALLOC_LOW = 256 << 10
-PREALLOC_SMALL_RECORD = 64 << 10
-_ZEROS = bytes(PREALLOC_BYTES)
 
 _U64_MAX = 2**64 - 1
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -171,16 +158,6 @@ def _append_error(exc: OSError, path: Path) -> JournalError:
     return JournalIOError(path=path, reason=reason)
 
 
-def _zeros_from(path: Path, offset: int) -> bool:
-    """Whether every byte of ``path`` from ``offset`` to its end is zero (a segment's preallocated space)."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        while chunk := f.read(1 << 20):
-            if chunk.count(0) != len(chunk):
-                return False
-    return True
-
-
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -260,8 +237,7 @@ class JournalWriter:
         self._fd: int | None = None
         self._seg_path: Path | None = None
         self._seg_first = 0
-        self._seg_size = 0  # where the live segment's next record goes (the end of its valid data)
-        self._seg_alloc = 0  # the live segment file's size: _seg_size plus preallocated zeros
+        self._seg_size = 0
         self._need_new_segment = False
         # fds written since the last begin_sync, oldest first (the live fd last).
         self._dirty: list[int] = []
@@ -336,7 +312,7 @@ class JournalWriter:
             os.fsync(self._dir_fd)
             if live is not None:
                 self._fd = os.open(live.path, os.O_WRONLY | os.O_CLOEXEC)
-                self._seg_size = self._seg_alloc = os.fstat(self._fd).st_size
+                self._seg_size = os.fstat(self._fd).st_size
         except OSError as exc:
             raise JournalIOError(path=self._dir, reason=f"recovery failed: {exc.strerror or exc}") from exc
         self._total_bytes = sum(s.size_bytes for s in segs)
@@ -408,11 +384,8 @@ class JournalWriter:
                 found = find_valid_record(tail.path, offset + 1, last_seq)
                 if found is not None:
                     raise corrupt_error(tail.path, offset, f"{reason}, but a valid record follows at offset {found}")
-                if _zeros_from(tail.path, t_state.end):
-                    reason = None  # the live segment's preallocated zeros (§3), not a torn tail
-                else:
-                    cut_seg, cut_offset = tail.path, t_state.end
-                    truncated += tail.size_bytes - t_state.end
+                cut_seg, cut_offset = tail.path, t_state.end
+                truncated += tail.size_bytes - t_state.end
                 os.truncate(tail.path, t_state.end)
                 tail = SegmentInfo(tail.path, tail.first_seq, t_state.end)
             elif empty and empty[0].first_seq != last_seq + 1:
@@ -428,11 +401,7 @@ class JournalWriter:
             # header-only live segment of our vault and epoch; delete the others.
             first, header = segs[0], headers[0]
             last_seq = first.first_seq - 1
-            clean = isinstance(header, SegmentHeader) and (
-                first.size_bytes == HEADER_SIZE or _zeros_from(first.path, HEADER_SIZE)
-            )
-            if clean and first.size_bytes > HEADER_SIZE:
-                os.truncate(first.path, HEADER_SIZE)  # preallocated zeros, no record in them
+            clean = isinstance(header, SegmentHeader) and first.size_bytes == HEADER_SIZE
             if not (clean and header.epoch == self._epoch):
                 if not clean:
                     reason = header if isinstance(header, str) else "torn record after the segment header"
@@ -517,32 +486,13 @@ class JournalWriter:
         except OSError as exc:
             self._cut_back(fd, self._seg_path, offset)
             raise _append_error(exc, self._seg_path) from exc
-        end = self._seg_size = offset + size
+        self._seg_size = offset + size
         self._total_bytes += size
         self.last_seq = seq
         if not self._dirty or self._dirty[-1] != fd:
             self._dirty.append(fd)
             self._dirty_paths.append(self._seg_path)
-        self._seg_alloc = max(self._seg_alloc, end)
-        if size < PREALLOC_SMALL_RECORD and self._seg_alloc - end < PREALLOC_LOW:
-            self._preallocate(fd, end)
         return seq
-
-    def _preallocate(self, fd: int, end: int) -> None:
-        """Write zeros after the live segment's last record, up to PREALLOC_BYTES beyond ``end``."""
-        start, stop = self._seg_alloc, min(end + PREALLOC_BYTES, self._max_segment_bytes)
-        if self._max_total_bytes is not None:  # the zeros take disk space too
-            stop = min(stop, end + self._max_total_bytes - self._total_bytes)
-        if stop <= start:
-            return
-        try:
-            _pwrite_all(fd, memoryview(_ZEROS)[: stop - start], start)
-        except OSError as exc:  # only an optimisation: zeros written or not, the records are whole
-            log.debug("cannot preallocate journal segment %s: %s", self._seg_path, exc)
-            with contextlib.suppress(OSError):
-                self._seg_alloc = os.fstat(fd).st_size
-            return
-        self._seg_alloc = stop
 
     def room(self) -> int | None:
         """Bytes that may still be appended under ``max_total_bytes`` (None: no limit). An estimate from below."""
@@ -552,14 +502,14 @@ class JournalWriter:
 
     def recount(self) -> None:
         """Recount the journal's size from its segment files (after segments were dropped)."""
-        self._total_bytes = self._data_bytes(list_segments(self._dir))
+        self._total_bytes = sum(s.size_bytes for s in list_segments(self._dir))
 
     def _check_room(self, needed: int) -> None:
         limit = self._max_total_bytes
         if limit is None or self._total_bytes + needed <= limit:
             return
         # Our count is an upper bound; segments may have been dropped since. Count again before refusing.
-        self._total_bytes = self._data_bytes(list_segments(self._dir))
+        self._total_bytes = sum(s.size_bytes for s in list_segments(self._dir))
         if self._total_bytes + needed > limit:
             raise JournalFullError(
                 path=self._dir,
@@ -584,12 +534,10 @@ class JournalWriter:
                 log.debug("cannot delete half-created segment %s: %s", path, unlink_exc)
             raise _append_error(exc, path) from exc
         if self._fd is not None:
-            assert self._seg_path is not None
-            self._seal(self._fd, self._seg_path)
             # Closed later by finish_sync/close: a SyncTicket in a worker thread may be fsyncing it right now.
+            assert self._seg_path is not None
             self._retired.append((self._fd, self._seg_path))
         self._fd, self._seg_path, self._seg_first, self._seg_size = fd, path, first_seq, HEADER_SIZE
-        self._seg_alloc = HEADER_SIZE
         self._need_new_segment = False
         self._total_bytes += HEADER_SIZE
         self._dir_dirty = True
@@ -597,24 +545,10 @@ class JournalWriter:
         self._dirty_paths.append(path)
         log.debug("started segment %s", path.name)
 
-    def _seal(self, fd: int, path: Path) -> None:
-        """Cut the preallocated zeros off a segment that stops being the live one (it ends at its last record).
-
-        A failure is harmless (a reader stops at the zeros and goes on with the next segment, FORMAT §3).
-        """
-        if self._seg_alloc > self._seg_size:
-            try:
-                os.ftruncate(fd, self._seg_size)
-            except OSError as exc:
-                log.debug("cannot cut the preallocated tail of %s: %s", path, exc)
-            else:
-                self._seg_alloc = self._seg_size
-
     def _cut_back(self, fd: int, path: Path, size: int) -> None:
         """After a failed append: cut the segment back to its last whole record, or fail the writer."""
         try:
             os.ftruncate(fd, size)
-            self._seg_alloc = size
         except OSError as exc:
             self.failed = JournalIOError(
                 path=path, reason=f"cannot cut a partly written record off at offset {size}: {exc.strerror}"
@@ -660,8 +594,7 @@ class JournalWriter:
         path = ticket.dir_path
         try:
             for fd, path in zip(ticket.fds, ticket.paths):
-                # Data and the size/extents needed to read it back; a segment's mtime does not matter.
-                os.fdatasync(fd)
+                os.fsync(fd)
             if ticket.dir_fd is not None:
                 path = ticket.dir_path
                 os.fsync(ticket.dir_fd)
@@ -726,8 +659,6 @@ class JournalWriter:
             raise RuntimeError("close() while a journal sync is in flight")
         try:
             if self.failed is None:
-                if self._fd is not None and self._seg_path is not None:
-                    self._seal(self._fd, self._seg_path)  # a closed journal has no zeros after its records
                 self.sync()
         finally:
             self._close_fds()
@@ -759,12 +690,8 @@ class JournalWriter:
             last_seq=self.last_seq,
             durable_seq=self.durable_seq,
             segments=len(segs),
-            bytes=self._data_bytes(segs),
+            bytes=sum(s.size_bytes for s in segs),
         )
-
-    def _data_bytes(self, segs: list[SegmentInfo]) -> int:
-        """The segments' bytes, the live one counted to its last record (without its preallocated zeros)."""
-        return sum(self._seg_size if s.path == self._seg_path else s.size_bytes for s in segs)
 
 
 # -- reader --------------------------------------------------------------------------
@@ -838,7 +765,6 @@ class JournalReader:
                 # the end for now; damage (maybe an append in progress), or a newer segment
                 # (the writer moved on), goes to the full scan below, which resumes from here.
                 state.damage = None
-                f.seek(0, os.SEEK_END)  # drops what f buffered: it may hold zeros since overwritten by records
                 f.seek(state.end)
                 for item in iter_raw(f, path, state) if raw else iter_records(f, path, state):
                     self._resume = (path, ino, state.end, state.next_seq)

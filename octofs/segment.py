@@ -130,18 +130,12 @@ class ScanState:
         self.damage: tuple[int, str] | None = None
 
 
-_ZERO_FRAME = bytes(RECORD_FRAME_SIZE)
-
-
-def read_frame(read: Callable[[int], bytes], zeros_end: bool = False) -> tuple[bytes | None, str | None]:
+def read_frame(read: Callable[[int], bytes]) -> tuple[bytes | None, str | None]:
     """Read one record frame and payload with ``read``: ``(payload, None)`` if whole and CRC-valid,
-    ``(None, reason)`` at damage, ``(None, None)`` at a clean end of file — and, with ``zeros_end``
-    (readers, not recovery), at a frame of zero bytes: the live segment's preallocated space (§3)."""
+    ``(None, reason)`` at damage, ``(None, None)`` at a clean end of file."""
     frame = read(RECORD_FRAME_SIZE)
     if len(frame) < RECORD_FRAME_SIZE:
         return None, (f"{len(frame)} bytes at the end, too short for a record frame" if frame else None)
-    if zeros_end and frame == _ZERO_FRAME:
-        return None, None
     magic, length, crc = _RECORD_FRAME.unpack(frame)
     if magic != RECORD_MAGIC:
         return None, f"bad record magic {magic!r}"
@@ -166,7 +160,7 @@ def iter_records(f: BinaryIO, path: Path, state: ScanState) -> Iterator[Record]:
     offset = state.end
     next_seq = state.next_seq
     while True:
-        payload, damage = read_frame(read, True)
+        payload, damage = read_frame(read)
         if payload is None:
             if damage is not None:
                 state.damage = (offset, damage)
@@ -217,7 +211,7 @@ def iter_raw(f: BinaryIO, path: Path, state: ScanState) -> Iterator[tuple[int, b
     offset = state.end
     next_seq = state.next_seq
     while True:
-        payload, damage = read_frame(read, True)
+        payload, damage = read_frame(read)
         if payload is None:
             if damage is not None:
                 state.damage = (offset, damage)
