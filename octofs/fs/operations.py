@@ -248,8 +248,8 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
         that is the requester's group, it is the right one either way and the parent is not
         looked at; if the owner is already right, there is no chown. Not root: no chown at all.
         """
-        by_fd = type(node) is int
-        st = os.fstat(node) if by_fd else os.lstat(node)
+        follow = type(node) is int  # an fd has nothing to follow; a path's last component is never followed
+        st = os.stat(node, follow_symlinks=follow)
         if self._is_root_user:
             gid = ctx.gid
             if st.st_gid != gid:
@@ -257,22 +257,14 @@ class PassthroughOperations(ExclusionCapture, pyfuse3.Operations):
                 if pst.st_mode & stat.S_ISGID:
                     gid = pst.st_gid
             if (st.st_uid, st.st_gid) != (ctx.uid, gid):
-                if by_fd:
-                    os.fchown(node, ctx.uid, gid)
-                    st = os.fstat(node)
-                else:
-                    os.chown(node, ctx.uid, gid, follow_symlinks=False)
-                    st = os.lstat(node)
+                os.chown(node, ctx.uid, gid, follow_symlinks=follow)
+                st = os.stat(node, follow_symlinks=follow)
         if wanted_mode is not None and not stat.S_ISLNK(st.st_mode):
             # Only the set-ID bits: other bits may be missing on purpose (a default ACL masks them).
             lost = wanted_mode & ~st.st_mode & (stat.S_ISUID | stat.S_ISGID)
             if lost:  # chown() by root clears set-user/group-ID bits the caller asked for
-                if by_fd:
-                    os.fchmod(node, (st.st_mode | lost) & 0o7777)
-                    st = os.fstat(node)
-                else:
-                    os.chmod(node, (st.st_mode | lost) & 0o7777)
-                    st = os.lstat(node)
+                os.chmod(node, (st.st_mode | lost) & 0o7777)  # not a symlink: nothing to follow
+                st = os.stat(node, follow_symlinks=follow)
         return st
 
     async def _admit(self) -> None:
