@@ -479,6 +479,8 @@ class SyncPlan:
             out.extend(self._meta_ops(path, st, action.target_xattrs))
             return 0, True
         if action.kind == "replace":
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and self._link_instead(path, st, out):
+                return 0, True
             return 0, self._replace_ops(action, st, out)
         # blocks
         if not stat.S_ISREG(st.st_mode):
@@ -490,6 +492,23 @@ class SyncPlan:
         out.append(TruncateOp(path, st.st_size, st.st_mtime_ns))
         out += self._meta_ops(path, st, action.target_xattrs)
         return used, True
+
+    def _link_instead(self, path: bytes, st: os.stat_result, out: list[Op]) -> bool:
+        """A whole copy of a file that has other names now (it may have been linked since it was compared).
+
+        A copy is a new inode on the target, so it must not split the names apart: if another
+        name of this inode was compared already, this one becomes a link of it (True); else this
+        name is the one the others will be linked to when they are compared (False: copy it).
+        """
+        first = self._links.get(st.st_ino)
+        if first is not None and first[0] != path:
+            other = scan.lstat(self.root_fd, first[0])
+            if other is not None and other.st_ino == st.st_ino:
+                out.append(RemoveTreeOp(path))
+                out.append(LinkOp(first[0], path))
+                return True
+        self._links[st.st_ino] = (path, None)
+        return False
 
     def _xattrs(self, path: bytes) -> tuple[tuple[bytes, bytes], ...]:
         info = scan.stat_path(self.root_fd, path)

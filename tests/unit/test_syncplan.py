@@ -204,3 +204,52 @@ def test_repair_record_round_trips_through_the_codec():
     from octofs.ops import RemoveTreeOp
     rec = Record(5, 1, RemoveTreeOp(b"a/b"))
     assert codec.decode_record(codec.encode_record(rec)) == rec
+
+
+def _busy_until_replaced(plan: SyncPlan, tfd: int, path: bytes) -> None:
+    """Compare ``path`` in busy windows until the plan gives up and copies it whole (a replace)."""
+    while not plan.has_repairs:
+        req, items = plan.next_query()
+        assert ("stat", path) in items
+        plan.compare(req, _target_answers(tfd, items, 4096), plan.primary_view(items), Touches(entries={path}))
+    assert plan.stats.rechecks >= 4
+
+
+@pytest.mark.parametrize("dst_compared_first", [False, True], ids=["replace-then-compare", "compare-then-replace"])
+def test_a_replaced_file_linked_meanwhile_stays_linked(dirs, dst_compared_first: bool):
+    """A whole-file copy of a name that the application hard-links during the Synchronize keeps the link.
+
+    The copy makes a new inode on the target; it must become (or be joined by) the other
+    name, not split the two apart (the CI failure of test_verify_only_…_then_sync_repairs).
+    """
+    from octofs.ops import LinkOp
+    a, b = dirs
+    make_tree(a, {"src": b"linked content"})
+    make_tree(b, {"src": b"linked content"})
+    pfd, tfd = _fd(a), _fd(b)
+    try:
+        plan = SyncPlan(pfd, owners=os.geteuid() == 0, paths=[b"src"], block_size=4096)
+        _busy_until_replaced(plan, tfd, b"src")
+        # The application links it; the stream applies the same link on the target.
+        os.link(a / "src", a / "dst")
+        apply.apply_op(tfd, LinkOp(b"src", b"dst"))
+        plan.note(10, LinkOp(b"src", b"dst"))
+        if dst_compared_first:
+            req, items = plan.next_query()
+            assert items == [("stat", b"dst")]
+            plan.compare(req, _target_answers(tfd, items, 4096), plan.primary_view(items), Touches())
+        for _ in range(100):
+            if plan.done:
+                break
+            for op in plan.produce(1 << 20):
+                apply.apply_op(tfd, op, chown=os.geteuid() == 0)
+            query = plan.next_query()
+            if query is not None:
+                req, items = query
+                plan.compare(req, _target_answers(tfd, items, 4096), plan.primary_view(items), Touches())
+        assert plan.done
+    finally:
+        os.close(pfd)
+        os.close(tfd)
+    assert_trees_equal(a, b)
+    assert os.stat(b / "src").st_ino == os.stat(b / "dst").st_ino
