@@ -29,14 +29,15 @@ from octofs import fencing, paths, sdnotify, state
 from octofs.config import VaultConfig
 from octofs.control import ControlRequestError, serve_control
 from octofs.errors import ConfigValueError, JournalError
+from octofs.exclude import ExcludeFilter
 from octofs.exporter import serve_metrics
+from octofs.fs.loop import statistics as fuse_loop_statistics
 from octofs.fs.mount import mount_options, open_mount, serve_mount, terminate
 from octofs.fs.operations import PassthroughOperations
 from octofs.health import serve_health
+from octofs.intent import IntentRing
 from octofs.journal import JournalReader, JournalWriter, drop_segments_before
 from octofs.recorder import Recorder
-from octofs.exclude import ExcludeFilter
-from octofs.intent import IntentRing
 from octofs.shipper import Forwarding, Shipper, wait_sync_targets
 from octofs.syncer import SyncJob, save_pending
 
@@ -359,6 +360,7 @@ class PrimaryDaemon:
                 "bytes": js.bytes,
             },
             "forwarding": "on" if self.forwarding.on else "off",
+            "fuse_requests": fuse_loop_statistics(),
             "metrics": self.metrics_address,
             "targets": [dataclasses.asdict(sh.statistics()) for sh in self.shippers],
         }

@@ -117,6 +117,11 @@ def _render_primary(b: _Builder, doc: dict[str, Any], version: str) -> None:
           doc.get("blocked_changes"))
     b.add("octofs_needs_resync", "gauge", "1 if the vault must be synchronized to its targets.", v,
           doc.get("needs_resync") is not None)
+    fr = doc.get("fuse_requests") or {}
+    for how in ("spinning", "after_sleep"):
+        b.add("octofs_fuse_requests_total", "counter",
+              "FUSE requests taken by the request loop, while it spun or after it slept.",
+              {**v, "taken": how}, fr.get(f"taken_{how}"))
     if doc.get("forwarding") is not None:
         b.add("octofs_forwarding", "gauge", "1 when forwarding is on.", v, doc.get("forwarding") == "on")
     for t in doc.get("targets") or []:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pyfuse3
 
 from octofs.errors import MountError
+from octofs.fs import loop
 from octofs.mounttab import FS_TYPE
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,8 @@ async def raise_read_ahead(mountpoint: Path, kb: int = READ_AHEAD_KB) -> None:
 async def open_mount(ops: pyfuse3.Operations, mountpoint: Path, options: set[str]) -> AsyncIterator[None]:
     """Mount ``ops`` on ``mountpoint`` for the duration of the block.
 
-    The caller runs ``await pyfuse3.main()`` (via ``serve_mount``) inside. Once the kernel's INIT
+    The caller runs ``await pyfuse3.main()`` (via ``serve_mount``) inside, its workers waiting for
+    requests through ``loop.RequestWait`` (fs/loop.py). Once the kernel's INIT
     has been answered, the mount's read-ahead is raised (``raise_read_ahead``) if ``ops`` has an
     ``after_init`` hook (PassthroughOperations does).
     """
@@ -80,8 +82,10 @@ async def open_mount(ops: pyfuse3.Operations, mountpoint: Path, options: set[str
         pyfuse3.init(ops, str(mountpoint), options)
     except RuntimeError as exc:
         raise MountError(mountpoint=str(mountpoint), reason=str(exc)) from exc
+    fd = _session_fd()
     if hasattr(ops, "requests_pending"):
-        ops.requests_pending = _pending_probe()
+        ops.requests_pending = _pending_probe(fd)
+    loop.install(fd)
     try:
         yield
     finally:
@@ -90,22 +94,30 @@ async def open_mount(ops: pyfuse3.Operations, mountpoint: Path, options: set[str
         pyfuse3.close(unmount=True)
 
 
-def _pending_probe() -> Callable[[], bool] | None:
-    """A cheap "are FUSE requests queued?" for the session pyfuse3 just opened, or None.
+def _session_fd() -> int | None:
+    """The /dev/fuse fd of the session pyfuse3 just opened, or None if it cannot be told.
 
-    pyfuse3 keeps the session's /dev/fuse fd to itself; it is the one fd of this process
-    opened on /dev/fuse (one mount per daemon). ``poll`` with a zero timeout costs one
-    syscall and does not disturb trio's own registration of the fd.
+    pyfuse3 keeps it to itself; it is the one fd of this process opened on /dev/fuse
+    (one mount per daemon).
     """
     fds = []
     for name in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError):  # an fd closed meanwhile (listdir's own, say)
             if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
                 fds.append(int(name))
-    if len(fds) != 1:
+    return fds[0] if len(fds) == 1 else None
+
+
+def _pending_probe(fd: int | None) -> Callable[[], bool] | None:
+    """A cheap "are FUSE requests queued?" for the session's fd, or None.
+
+    ``poll`` with a zero timeout costs one syscall and does not disturb trio's own
+    registration of the fd.
+    """
+    if fd is None:
         return None
     poller = select.poll()
-    poller.register(fds[0], select.POLLIN)
+    poller.register(fd, select.POLLIN)
     return lambda: bool(poller.poll(0))
 
 
@@ -115,4 +127,4 @@ async def serve_mount() -> None:
 
 
 def terminate() -> None:
-    pyfuse3.terminate()
+    loop.terminate()

@@ -86,20 +86,21 @@ def test_remembered_no_capability_is_forgotten_on_setxattr(tmp_path: Path) -> No
 
 
 def test_pending_request_probe_finds_the_one_fuse_device_fd() -> None:
-    """fs/mount.py's probe (an fsync runs inline only while no request waits) finds pyfuse3's
-    /dev/fuse fd by elimination, and gives up rather than guess when there is not exactly one."""
-    from octofs.fs.mount import _pending_probe
+    """fs/mount.py finds pyfuse3's /dev/fuse fd by elimination (for the inline-fsync probe and the
+    request loop), and gives up rather than guess when there is not exactly one."""
+    from octofs.fs.mount import _pending_probe, _session_fd
 
-    assert _pending_probe() is None  # no /dev/fuse open in this process
+    assert _session_fd() is None and _pending_probe(None) is None  # no /dev/fuse open in this process
     fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     try:
-        probe = _pending_probe()
+        assert _session_fd() == fd
+        probe = _pending_probe(fd)
         assert probe is not None
         # Not attached to a mount, the device polls as an error: "not idle", so never inline.
         assert probe() is True
         fd2 = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
         try:
-            assert _pending_probe() is None  # two: cannot tell which one is the session's
+            assert _session_fd() is None  # two: cannot tell which one is the session's
         finally:
             os.close(fd2)
     finally:

@@ -76,6 +76,13 @@ def test_metrics_match_status_json_on_primary_and_target(tmp_path: Path) -> None
                 assert get(sample, "octofs_forwarding", **v) == 1 and doc["forwarding"] == "on"
                 assert get(sample, "octofs_failsafe", **v) == 0 and doc["failsafe"] is False
                 assert get(sample, "octofs_started_at_seconds", **v) == doc["started_at"]
+            # The request loop counts FUSE requests (status may look at the mountpoint): in order, and the
+            # writes above were taken by octofs's loop, not pyfuse3's stock one (fuse_requests would be null).
+            fr = doc["fuse_requests"]
+            assert fr is not None and fr["taken_spinning"] + fr["taken_after_sleep"] > 40
+            for key, how in (("taken_spinning", "spinning"), ("taken_after_sleep", "after_sleep")):
+                n = [get(sample, "octofs_fuse_requests_total", **v, taken=how) for sample in (before, after)]
+                assert n[0] <= fr[key] <= n[1], (how, n, fr)
             # Heartbeats may add frame bytes between the three reads: the status sits between the scrapes.
             sent = st["bytes_sent"]
             assert 300_000 < get(before, "octofs_target_bytes_sent_total", **t) <= sent

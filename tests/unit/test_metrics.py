@@ -13,7 +13,7 @@ PRIMARY = {
     "role": "primary", "vault": "sales", "mountpoint": "/mnt/v", "pid": 1, "started_at": 1795550000.25,
     "failsafe": False, "journal_full": False, "blocked_changes": 0, "failure": None, "needs_resync": None,
     "journal": {"first_seq": 1, "last_seq": 7106, "durable_seq": 7100, "segments": 2, "bytes": 7058657},
-    "forwarding": "on", "metrics": "127.0.0.1:9108",
+    "forwarding": "on", "metrics": "127.0.0.1:9108", "fuse_requests": {"taken_spinning": 9, "taken_after_sleep": 4},
     "targets": [
         {"name": "b1", "address": "10.0.0.7:7070", "mode": "sync", "state": "connected", "acked_seq": 7000,
          "pending_ops": 106, "lag_s": 0.25, "last_error": None, "connected_since": 1795550001.5,
@@ -41,6 +41,8 @@ def test_primary_document_renders_every_figure() -> None:
     assert get(s, "octofs_journal_durable_seq", vault="sales") == 7100
     assert get(s, "octofs_journal_bytes", vault="sales") == 7058657
     assert get(s, "octofs_forwarding", vault="sales") == 1
+    assert get(s, "octofs_fuse_requests_total", vault="sales", taken="spinning") == 9
+    assert get(s, "octofs_fuse_requests_total", vault="sales", taken="after_sleep") == 4
     assert get(s, "octofs_failsafe", vault="sales") == 0
     assert get(s, "octofs_needs_resync", vault="sales") == 0
     t = {"vault": "sales", "target": "b1"}
