@@ -13,10 +13,13 @@ few µs (docs/PERFORMANCE.md, "The FUSE loop").
 
 - **One waiter at a time, without a lock's checkpoints.** A flag says a task is
   waiting on the fd; the others park on a LIFO stack and are woken one at a time
-  when the waiter takes a request. LIFO keeps the same two or three tasks busy, so
-  the idle ones never touch their 1 MiB receive buffers (pyfuse3 grows its pool
-  towards ``max_tasks`` because it no longer sees idle readers: that is harmless
-  while they stay parked).
+  when the waiter takes a request. pyfuse3 grows its pool towards ``max_tasks``
+  (it no longer sees idle readers), and each worker's receive buffer keeps every
+  page a request ever wrote into it (up to 1 MiB): so a worker new to this wait
+  parks at the *bottom* while others are around, and LIFO keeps the same two or
+  three workers busy. A new one is woken only when all before it are busy in
+  handlers at once; the daemon's memory follows the peak of concurrent requests,
+  not the number of requests.
 - **A short spin before sleeping.** An application that issues one syscall after
   another (write, fsync, write...) sends its next request a few µs after the last
   reply. For up to ``SPIN_S`` the waiter polls the fd (``poll`` with a zero timeout)
@@ -66,12 +69,18 @@ class RequestWait:
         self.slept = 0  # requests taken after sleeping in epoll
         self._waiting = False  # a task holds the waiter's place
         self._parked: list[trio.lowlevel.Task] = []  # LIFO
+        self._known: set[trio.lowlevel.Task] = set()  # workers that waited here before
         self._poller = select.poll()
         self._poller.register(fd, select.POLLIN)
         self._last_yield = time.perf_counter()
 
     async def __call__(self) -> bool:
         """Return True once a request can be read (by the caller, without blocking), False to stop."""
+        task = trio.lowlevel.current_task()
+        if task not in self._known:
+            self._known.add(task)
+            if self._waiting or self._parked:  # a worker pyfuse3 just started: the last to be woken
+                await self._park(bottom=True)
         while self._waiting:
             await self._park()
         if self.closed:
@@ -103,9 +112,12 @@ class RequestWait:
             if time.perf_counter() > deadline:
                 return False
 
-    async def _park(self) -> None:
+    async def _park(self, *, bottom: bool = False) -> None:
         task = trio.lowlevel.current_task()
-        self._parked.append(task)
+        if bottom:
+            self._parked.insert(0, task)
+        else:
+            self._parked.append(task)
 
         def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
             self._parked.remove(task)

@@ -182,3 +182,32 @@ def test_install_replaces_pyfuse3s_wait_and_falls_back_without_it(pipe: Pipe, mo
     assert loop.install(None) is None  # the session fd could not be told: stock loop
     monkeypatch.delattr(pyfuse3, "_wait_fuse_readable")
     assert loop.install(pipe.r) is None  # another pyfuse3: stock loop
+
+
+async def test_workers_started_per_request_stay_parked(pipe: Pipe):
+    """pyfuse3 starts another worker after every request (it cannot see our idle ones); the new ones
+    must not take requests while the old ones are free, or each would keep a receive buffer's pages."""
+    wait = RequestWait(pipe.r)
+    served: list = []
+    names = iter(range(1, 1000))
+
+    async def spawning_worker(name: int, nursery: trio.Nursery) -> None:
+        while await wait():
+            req = os.read(pipe.r, 1)
+            if not req:
+                return
+            nursery.start_soon(spawning_worker, next(names), nursery)  # as pyfuse3's _session_loop does
+            await trio.lowlevel.checkpoint()  # a handler that yields (octofs's write does)
+            served.append((name, req))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(spawning_worker, 0, nursery)
+            for i in range(100):
+                os.write(pipe.w, b"r")
+                while len(served) <= i:
+                    await trio.lowlevel.checkpoint()
+            wait.closed = True
+            trio.lowlevel.notify_closing(pipe.r)
+    assert len(served) == 100
+    assert len({name for name, _ in served}) <= 3, sorted({name for name, _ in served})
