@@ -50,6 +50,21 @@ async def worker(wait: RequestWait, fd: int, name: int, handle, served: list, em
         await handle(req)
 
 
+def close(wait: RequestWait, pipe: Pipe) -> None:
+    """What fs/loop.terminate does: our flag, then pyfuse3.terminate's notify_closing."""
+    wait.closed = True
+    trio.lowlevel.notify_closing(pipe.r)
+
+
+async def one_at_a_time(pipe: Pipe, wait: RequestWait, served: list, n: int) -> None:
+    """Send ``n`` requests, each once the one before was served (an application's syscalls); then close."""
+    for i in range(n):
+        os.write(pipe.w, b"r")
+        while len(served) <= i:
+            await trio.lowlevel.checkpoint()
+    close(wait, pipe)
+
+
 async def _no_wait(req: bytes) -> None:
     return None
 
@@ -70,8 +85,7 @@ async def test_every_request_is_taken_once_by_one_worker(pipe: Pipe, spin_s: flo
                     await trio.lowlevel.checkpoint()
             while len(served) < n:
                 await trio.sleep(0.001)
-            wait.closed = True
-            trio.lowlevel.notify_closing(pipe.r)
+            close(wait, pipe)
     assert [req for _, req in served] == [bytes([i % 256]) for i in range(n)]
     assert empty == []
 
@@ -101,8 +115,7 @@ async def test_a_waiting_handler_does_not_hold_up_the_others(pipe: Pipe):
             slow_worker = served[0][0]
             assert slow_worker not in {name for name, _ in served[1:]}
             release.set()
-            wait.closed = True
-            trio.lowlevel.notify_closing(pipe.r)
+            close(wait, pipe)
 
 
 async def test_idle_workers_stay_parked(pipe: Pipe):
@@ -114,12 +127,7 @@ async def test_idle_workers_stay_parked(pipe: Pipe):
             for name in range(20):
                 nursery.start_soon(worker, wait, pipe.r, name, _no_wait, served, [])
             await trio.testing.wait_all_tasks_blocked()
-            for i in range(200):
-                os.write(pipe.w, b"r")
-                while len(served) <= i:
-                    await trio.lowlevel.checkpoint()
-            wait.closed = True
-            trio.lowlevel.notify_closing(pipe.r)
+            await one_at_a_time(pipe, wait, served, 200)
     assert len({name for name, _ in served}) <= 3
 
 
@@ -150,8 +158,7 @@ async def test_a_busy_stream_still_lets_other_tasks_run(pipe: Pipe):
             finally:
                 stop.set()
                 writer.join()
-            wait.closed = True
-            trio.lowlevel.notify_closing(pipe.r)
+            close(wait, pipe)
     assert wait.spun > wait.slept  # the stream was taken without sleeping
     assert ticks >= 3
 
@@ -170,8 +177,7 @@ async def test_closed_wakes_every_parked_worker(pipe: Pipe):
             for name in range(6):
                 nursery.start_soon(one, name)
             await trio.testing.wait_all_tasks_blocked()
-            wait.closed = True
-            trio.lowlevel.notify_closing(pipe.r)
+            close(wait, pipe)
     assert sorted(done) == list(range(6))
 
 
@@ -203,11 +209,6 @@ async def test_workers_started_per_request_stay_parked(pipe: Pipe):
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(spawning_worker, 0, nursery)
-            for i in range(100):
-                os.write(pipe.w, b"r")
-                while len(served) <= i:
-                    await trio.lowlevel.checkpoint()
-            wait.closed = True
-            trio.lowlevel.notify_closing(pipe.r)
+            await one_at_a_time(pipe, wait, served, 100)
     assert len(served) == 100
     assert len({name for name, _ in served}) <= 3, sorted({name for name, _ in served})
