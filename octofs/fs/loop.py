@@ -18,8 +18,10 @@ few µs (docs/PERFORMANCE.md, "The FUSE loop").
   page a request ever wrote into it (up to 1 MiB): so a worker new to this wait
   parks at the *bottom* while others are around, and LIFO keeps the same two or
   three workers busy. A new one is woken only when all before it are busy in
-  handlers at once; the daemon's memory follows the peak of concurrent requests,
-  not the number of requests.
+  handlers at once. After a burst of concurrent requests, a worker that holds a
+  buffer and finds ``KEEP_IDLE`` such workers parked already ends (the wait returns
+  False: pyfuse3 frees its buffer and starts a fresh worker when it needs one), so
+  the daemon's memory comes back down after the burst.
 - **A short spin before sleeping.** An application that issues one syscall after
   another (write, fsync, write...) sends its next request a few µs after the last
   reply. For up to ``SPIN_S`` the waiter polls the fd (``poll`` with a zero timeout)
@@ -53,6 +55,8 @@ log = logging.getLogger(__name__)
 
 # How long the waiter polls for the next request before it sleeps (see the module docstring).
 SPIN_S = 30e-6
+# How many workers that hold a receive buffer may wait parked; more end (pyfuse3 frees the buffer).
+KEEP_IDLE = 2
 # The longest run of requests taken without yielding to the other tasks.
 YIELD_EVERY_S = 0.5e-3
 
@@ -67,9 +71,12 @@ class RequestWait:
         self.closed = False
         self.spun = 0  # requests taken while spinning
         self.slept = 0  # requests taken after sleeping in epoll
+        self.retired = 0  # workers ended to free their receive buffers
         self._waiting = False  # a task holds the waiter's place
         self._parked: list[trio.lowlevel.Task] = []  # LIFO
         self._known: set[trio.lowlevel.Task] = set()  # workers that waited here before
+        self._used: set[trio.lowlevel.Task] = set()  # workers that took a request (they hold a receive buffer)
+        self._fresh_parked = 0  # parked workers not in _used: the bottom of the stack
         self._poller = select.poll()
         self._poller.register(fd, select.POLLIN)
         self._last_yield = time.perf_counter()
@@ -82,11 +89,19 @@ class RequestWait:
             if self._waiting or self._parked:  # a worker pyfuse3 just started: the last to be woken
                 await self._park(bottom=True)
         while self._waiting:
+            if task in self._used and len(self._parked) - self._fresh_parked >= KEEP_IDLE:
+                # Enough workers with a buffer wait already (after a burst of concurrent requests):
+                # this one ends, and pyfuse3 frees its buffer (it starts a fresh one when it needs one).
+                self._known.discard(task)
+                self._used.discard(task)
+                self.retired += 1
+                return False
             await self._park()
         if self.closed:
             self._wake_one()  # pass the news on
             return False
         self._waiting = True
+        self._used.add(task)
         try:
             if self.spin_s and self._spin():
                 self.spun += 1
@@ -116,18 +131,24 @@ class RequestWait:
         task = trio.lowlevel.current_task()
         if bottom:
             self._parked.insert(0, task)
+            self._fresh_parked += 1
         else:
             self._parked.append(task)
 
         def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
             self._parked.remove(task)
+            if task not in self._used:
+                self._fresh_parked -= 1
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
 
     def _wake_one(self) -> None:
         if self._parked:
-            trio.lowlevel.reschedule(self._parked.pop())
+            task = self._parked.pop()
+            if task not in self._used:
+                self._fresh_parked -= 1
+            trio.lowlevel.reschedule(task)
 
 
 _installed: RequestWait | None = None
@@ -153,10 +174,12 @@ def _is_cython_coroutine(fn: object) -> bool:
 
 
 def statistics() -> dict[str, int] | None:
-    """Requests taken while spinning and after sleeping (status ``fuse_requests``); None with the stock loop."""
+    """Requests taken while spinning and after sleeping, workers ended (status ``fuse_requests``); None with
+    the stock loop."""
     if _installed is None:
         return None
-    return {"taken_spinning": _installed.spun, "taken_after_sleep": _installed.slept}
+    return {"taken_spinning": _installed.spun, "taken_after_sleep": _installed.slept,
+            "workers_retired": _installed.retired}
 
 
 def terminate() -> None:

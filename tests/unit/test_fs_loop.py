@@ -212,3 +212,36 @@ async def test_workers_started_per_request_stay_parked(pipe: Pipe):
             await one_at_a_time(pipe, wait, served, 100)
     assert len(served) == 100
     assert len({name for name, _ in served}) <= 3, sorted({name for name, _ in served})
+
+
+async def test_after_a_burst_the_extra_workers_end(pipe: Pipe):
+    """Eight requests waiting in their handlers at once need eight workers; afterwards, one request
+    at a time, those beyond KEEP_IDLE parked ones end (pyfuse3 then frees their receive buffers)."""
+    wait = RequestWait(pipe.r)
+    release = trio.Event()
+    served: list = []
+    ended: list = []
+
+    async def handle(req: bytes) -> None:
+        if req == b"S":
+            await release.wait()
+
+    async def one(name: int) -> None:
+        await worker(wait, pipe.r, name, handle, served, [])
+        ended.append(name)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for name in range(12):
+                nursery.start_soon(one, name)
+            await trio.testing.wait_all_tasks_blocked()
+            os.write(pipe.w, b"S" * 8)
+            while len(served) < 8:
+                await trio.sleep(0.001)
+            release.set()
+            await trio.testing.wait_all_tasks_blocked()
+            served.clear()
+            await one_at_a_time(pipe, wait, served, 50)
+    busy = {name for name, _ in served}
+    assert wait.retired >= 8 - loop.KEEP_IDLE - 2 and len(busy) <= 3
+    assert len(ended) == 12  # the retired ones and, at the close, the rest
