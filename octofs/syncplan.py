@@ -149,6 +149,7 @@ class SyncPlan:
         self._log: list[tuple[int, Op]] = []
         self._links: dict[int, tuple[bytes, int | None]] = {}  # primary inode -> (first path, its target inode)
         self._target_inodes: dict[int, int] = {}  # target inode -> primary inode it stands for
+        self._on_target: dict[int, bytes] = {}  # primary inode -> a name of it the target has (seen or repaired)
         self._size_hint: dict[bytes, int] = {}
         self._next_req = 1
         for p in (paths if paths is not None else [b""]):
@@ -384,6 +385,7 @@ class SyncPlan:
             return True
         self._links[p.ino] = (path, t.ino)
         self._target_inodes[t.ino] = p.ino
+        self._on_target.setdefault(p.ino, path)
         return False
 
     def _replace(self, path: bytes, p: scan.EntryInfo) -> None:
@@ -496,17 +498,20 @@ class SyncPlan:
     def _link_instead(self, path: bytes, st: os.stat_result, out: list[Op]) -> bool:
         """A whole copy of a file that has other names now (it may have been linked since it was compared).
 
-        A copy is a new inode on the target, so it must not split the names apart: if another
-        name of this inode was compared already, this one becomes a link of it (True); else this
-        name is the one the others will be linked to when they are compared (False: copy it).
+        A copy is a new inode on the target, so it must not split the names apart: if the target
+        has another name of this inode already (compared there, or copied by an earlier repair),
+        this one becomes a link of it (True); else this name is copied (False) and is the one the
+        others are linked to (when they are compared, or when their own copy is produced). Only
+        names the target has count: a name merely decided on may not have been produced yet.
         """
-        first = self._links.get(st.st_ino)
-        if first is not None and first[0] != path:
-            other = scan.lstat(self.root_fd, first[0])
+        first = self._on_target.get(st.st_ino)
+        if first is not None and first != path:
+            other = scan.lstat(self.root_fd, first)
             if other is not None and other.st_ino == st.st_ino:
                 out.append(RemoveTreeOp(path))
-                out.append(LinkOp(first[0], path))
+                out.append(LinkOp(first, path))
                 return True
+        self._on_target[st.st_ino] = path
         self._links[st.st_ino] = (path, None)
         return False
 

@@ -253,3 +253,35 @@ def test_a_replaced_file_linked_meanwhile_stays_linked(dirs, dst_compared_first:
         os.close(tfd)
     assert_trees_equal(a, b)
     assert os.stat(b / "src").st_ino == os.stat(b / "dst").st_ino
+
+
+def test_two_names_copied_whole_after_a_link_share_one_inode(dirs):
+    """Both names missing on the target (the stream's link was skipped: its source was not there yet);
+    the first was compared before the application linked it: the second copy must be a link of the first."""
+    from octofs.ops import LinkOp
+    a, b = dirs
+    make_tree(a, {"w/f28": b"content of f28"})
+    (b / "w").mkdir()
+    pfd, tfd = _fd(a), _fd(b)
+    try:
+        plan = SyncPlan(pfd, owners=os.geteuid() == 0, block_size=4096)
+        while not plan.has_repairs:  # compared while it had one name: a whole copy is queued
+            req, items = plan.next_query()
+            plan.compare(req, _target_answers(tfd, items, 4096), plan.primary_view(items), Touches())
+        os.link(a / "w/f28", a / "w/l1")  # the application links it; the target skipped the link
+        plan.note(10, LinkOp(b"w/f28", b"w/l1"))
+        for _ in range(100):
+            if plan.done:
+                break
+            query = plan.next_query()
+            if query is not None:
+                req, items = query
+                plan.compare(req, _target_answers(tfd, items, 4096), plan.primary_view(items), Touches())
+            for op in plan.produce(1 << 20):
+                apply.apply_op(tfd, op, chown=os.geteuid() == 0)
+        assert plan.done
+    finally:
+        os.close(pfd)
+        os.close(tfd)
+    assert_trees_equal(a, b)
+    assert os.stat(b / "w/f28").st_ino == os.stat(b / "w/l1").st_ino
