@@ -118,11 +118,22 @@ def run_exec(args: argparse.Namespace, info: dict[str, Any]) -> int:
     rc: int | None = None
     # SIGTERM (a scheduler stopping the backup) as an exception: subprocess.call then kills CMD, and the
     # thaw below still runs; otherwise the vault would stay frozen until --max.
+    # SIGTERM is held off while CMD is started: arriving inside Popen, it would leave CMD running
+    # (holding our stdout and stderr) with no one to kill it. CMD itself starts with it unblocked.
+    child: subprocess.Popen | None = None
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        rc = subprocess.call(args.exec_cmd, shell=True, env=env)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            child = subprocess.Popen(args.exec_cmd, shell=True, env=env, preexec_fn=_unblock_sigterm)  # noqa: PLW1509 (single-threaded CLI)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # a pending one is raised here
+        rc = child.wait()
     except _Terminated:
         rc = -signal.SIGTERM
+        if child is not None:
+            child.kill()
+            child.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
         # Thaw whatever happened to CMD (an interrupt included); only this freeze.
@@ -149,6 +160,10 @@ def run_exec(args: argparse.Namespace, info: dict[str, Any]) -> int:
 
 class _Terminated(Exception):
     pass
+
+
+def _unblock_sigterm() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def _terminated(signum, frame) -> None:
