@@ -319,6 +319,8 @@ def test_sigterm_during_exec_thaws(tmp_path: Path, secret: Path, target: Serve) 
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+            for pipe in (proc.stdout, proc.stderr):  # not left to the garbage collector of a later test
+                pipe.close()
         assert proc.returncode == 128 + signal.SIGTERM, out + err
         st = target.vault_status("vault")
         assert st["frozen"] is None and st["last_freeze"]["how"] == "thawed", st
