@@ -206,6 +206,20 @@ def test_repair_record_round_trips_through_the_codec():
     assert codec.decode_record(codec.encode_record(rec)) == rec
 
 
+def _finish(plan: SyncPlan, tfd: int) -> None:
+    """Drive ``plan`` to its end in quiet windows, repairs applied to the target as they come."""
+    for _ in range(100):
+        if plan.done:
+            break
+        for op in plan.produce(1 << 20):
+            apply.apply_op(tfd, op, chown=os.geteuid() == 0)
+        query = plan.next_query()
+        if query is not None:
+            req, items = query
+            plan.compare(req, _target_answers(tfd, items, 4096), plan.primary_view(items), Touches())
+    assert plan.done
+
+
 def _busy_until_replaced(plan: SyncPlan, tfd: int, path: bytes) -> None:
     """Compare ``path`` in busy windows until the plan gives up and copies it whole (a replace)."""
     while not plan.has_repairs:
@@ -238,16 +252,7 @@ def test_a_replaced_file_linked_meanwhile_stays_linked(dirs, dst_compared_first:
             req, items = plan.next_query()
             assert items == [("stat", b"dst")]
             plan.compare(req, _target_answers(tfd, items, 4096), plan.primary_view(items), Touches())
-        for _ in range(100):
-            if plan.done:
-                break
-            for op in plan.produce(1 << 20):
-                apply.apply_op(tfd, op, chown=os.geteuid() == 0)
-            query = plan.next_query()
-            if query is not None:
-                req, items = query
-                plan.compare(req, _target_answers(tfd, items, 4096), plan.primary_view(items), Touches())
-        assert plan.done
+        _finish(plan, tfd)
     finally:
         os.close(pfd)
         os.close(tfd)
@@ -270,16 +275,7 @@ def test_two_names_copied_whole_after_a_link_share_one_inode(dirs):
             plan.compare(req, _target_answers(tfd, items, 4096), plan.primary_view(items), Touches())
         os.link(a / "w/f28", a / "w/l1")  # the application links it; the target skipped the link
         plan.note(10, LinkOp(b"w/f28", b"w/l1"))
-        for _ in range(100):
-            if plan.done:
-                break
-            query = plan.next_query()
-            if query is not None:
-                req, items = query
-                plan.compare(req, _target_answers(tfd, items, 4096), plan.primary_view(items), Touches())
-            for op in plan.produce(1 << 20):
-                apply.apply_op(tfd, op, chown=os.geteuid() == 0)
-        assert plan.done
+        _finish(plan, tfd)
     finally:
         os.close(pfd)
         os.close(tfd)
