@@ -158,19 +158,13 @@ def install(fd: int | None, **kw: float) -> RequestWait | None:
     """Make pyfuse3's worker tasks wait through a ``RequestWait`` on ``fd`` (None: leave pyfuse3's own)."""
     global _installed
     stock = getattr(pyfuse3, "_wait_fuse_readable", None)
-    if fd is None or stock is None or not inspect.iscoroutinefunction(stock) and not _is_cython_coroutine(stock):
+    if fd is None or not inspect.iscoroutinefunction(stock):  # pyfuse3 3.5's Cython coroutine function passes
         log.info("pyfuse3 %s: the stock request loop is used", getattr(pyfuse3, "__version__", "?"))
         _installed = None
         return None
     _installed = RequestWait(fd, **kw)
     pyfuse3._wait_fuse_readable = _installed  # pyfuse3's _session_loop looks it up by name on every request
     return _installed
-
-
-def _is_cython_coroutine(fn: object) -> bool:
-    # Cython's coroutine functions are not inspect.iscoroutinefunction; their code objects say so.
-    code = getattr(fn, "__code__", None)
-    return code is not None and bool(code.co_flags & inspect.CO_COROUTINE)
 
 
 def statistics() -> dict[str, int] | None:
