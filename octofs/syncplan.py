@@ -62,6 +62,9 @@ MAX_DIFFERENCE_LINES = 1000
 # Ops that change which entries exist (as opposed to data or metadata).
 _STRUCTURAL = ("CreateOp", "MkdirOp", "MknodOp", "SymlinkOp", "LinkOp", "UnlinkOp", "RmdirOp", "RenameOp",
                "RemoveTreeOp")
+# Fields of scan.differences a setattr/xattr op changes, and those a write or truncate changes.
+_META_FIELDS = frozenset({"mode", "owner", "size", "mtime", "xattrs"})
+_DATA_FIELDS = frozenset({"size", "mtime"})
 
 
 def path_key(path: bytes) -> tuple[bytes, ...]:
@@ -150,6 +153,7 @@ class SyncPlan:
         self._links: dict[int, tuple[bytes, int | None]] = {}  # primary inode -> (first path, its target inode)
         self._target_inodes: dict[int, int] = {}  # target inode -> primary inode it stands for
         self._on_target: dict[int, bytes] = {}  # primary inode -> a name of it the target has (seen or repaired)
+        self._stream_links: dict[bytes, set[bytes]] = {}  # path -> the names the stream linked it with
         self._size_hint: dict[bytes, int] = {}
         self._next_req = 1
         for p in (paths if paths is not None else [b""]):
@@ -237,6 +241,10 @@ class SyncPlan:
     def note(self, seq: int, op: Op) -> None:
         """Called for every op journaled while this plan lives (synchronously, from the recorder)."""
         self._log.append((seq, op))
+        if isinstance(op, LinkOp):
+            # The target links them too: a later whole copy of either must take the other along.
+            self._stream_links.setdefault(op.src, set()).add(op.path)
+            self._stream_links.setdefault(op.path, set()).add(op.src)
         if isinstance(op, (RenameOp, LinkOp)):
             # The destination may now hold a tree not yet verified (or verified under another name).
             self._push("stat", op.path, 0)
@@ -359,12 +367,17 @@ class SyncPlan:
             self._size_hint[path] = max(p.size, t.size)
             self._push("hash", path, attempts)
             diffs = [d for d in diffs if d != "size"]  # decided by the content check
-        if path in touched.data or path in touched.meta:
-            diffs = diffs or ["meta"]  # unreliable: just set it again (a repair is always correct)
-        if diffs:
-            if set(diffs) - {"meta"}:
-                self._difference(path, "differs in " + ", ".join(d for d in diffs if d != "meta"))
-            self._act(_Action("meta", path, target_xattrs=tuple(n for n, _ in t.xattrs)))
+        # Fields an op of the window changed may differ only because the target has not
+        # reached that op yet: not a difference, but set them again (a repair is always correct).
+        unsure = (_META_FIELDS if path in touched.meta else set()) | (_DATA_FIELDS if path in touched.data else set())
+        sure = [d for d in diffs if d not in unsure]
+        if sure:
+            self._difference(path, "differs in " + ", ".join(sure))
+        if sure or unsure:
+            if self.verify and not sure and diffs:
+                self._again("stat", path, attempts)  # decided when a window is quiet
+            else:
+                self._act(_Action("meta", path, target_xattrs=tuple(n for n, _ in t.xattrs)))
 
     def _linked(self, path: bytes, p: scan.EntryInfo, t: scan.EntryInfo) -> bool:
         """Hard links: True if ``path`` is fully handled as another name of an inode seen before."""
@@ -481,9 +494,13 @@ class SyncPlan:
             out.extend(self._meta_ops(path, st, action.target_xattrs))
             return 0, True
         if action.kind == "replace":
-            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and self._link_instead(path, st, out):
+            if not (stat.S_ISREG(st.st_mode) and st.st_nlink > 1):
+                return 0, self._replace_ops(action, st, out)
+            if self._link_instead(path, st, out):
                 return 0, True
-            return 0, self._replace_ops(action, st, out)
+            finished = self._replace_ops(action, st, out)
+            self._relink_stream_names(path, st, out)
+            return 0, finished
         # blocks
         if not stat.S_ISREG(st.st_mode):
             self._push("stat", path, action.attempts + 1)
@@ -514,6 +531,27 @@ class SyncPlan:
         self._on_target[st.st_ino] = path
         self._links[st.st_ino] = (path, None)
         return False
+
+    def _relink_stream_names(self, path: bytes, st: os.stat_result, out: list[Op]) -> None:
+        """After a whole copy of ``path`` (a new inode on the target): link to it the names that the
+        stream linked with it during this Synchronize and that are still this inode here.
+
+        On the target those names share the inode the copy just replaced; a name compared before
+        the link existed (when it had one name) is in no other record, so without this the copy
+        would split it off. Names known otherwise are joined when they are compared.
+        """
+        seen = {path}
+        todo = [path]
+        while todo:
+            for name in sorted(self._stream_links.get(todo.pop(), ())):
+                if name in seen:
+                    continue
+                seen.add(name)
+                todo.append(name)  # through names moved or removed since: a chain of links
+                other = scan.lstat(self.root_fd, name)
+                if other is not None and other.st_ino == st.st_ino:
+                    out.append(RemoveTreeOp(name))
+                    out.append(LinkOp(path, name))
 
     def _xattrs(self, path: bytes) -> tuple[tuple[bytes, bytes], ...]:
         info = scan.stat_path(self.root_fd, path)

@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -235,6 +236,37 @@ def test_writes_during_a_synchronize_of_a_large_tree(tmp_path: Path, secret: Pat
         m.wait_synced(timeout=120)
         print(f"Synchronize under writes: {sync_job(m)}")
         assert_trees_equal(m.backing, target.root / "vault", mtime=True)
+
+
+def test_hard_links_made_while_synchronizes_run_stay_linked(tmp_path: Path, secret: Path, target: Serve):
+    """The planted tree (hard links, renames, chmods, fifos...) written through the mount 40 times over
+    while `octofs sync` runs again and again: every Synchronize finds nothing to report, and the
+    target keeps every hard link (a whole copy of a busy name once split a link made meanwhile)."""
+    yml = vault_yaml(tmp_path, secret, {"t1": target.address_str})
+    reports: list[dict] = []
+    with mounted(yml) as m:
+        stop = threading.Event()
+
+        def sync_again_and_again() -> None:
+            while not stop.is_set():
+                code, out, doc = sync_cli(m)
+                reports.append({"code": code, "out": out, **doc})
+
+        syncs = threading.Thread(target=sync_again_and_again)
+        syncs.start()
+        try:
+            for k in range(40):
+                (m.mnt / f"k{k}").mkdir()
+                (tmp_path / f"scratch{k}").mkdir()
+                plant_differences(m.mnt / f"k{k}", tmp_path / f"scratch{k}")
+        finally:
+            stop.set()
+            syncs.join()
+        m.wait_synced()
+        assert_trees_equal(m.backing, target.root / "vault", mtime=True)
+    assert reports
+    for r in reports:
+        assert r["code"] == 0 and r["jobs"]["t1"]["differences"] == 0, r
 
 
 def test_interrupted_synchronize_resumes(tmp_path: Path, secret: Path, target: Serve):
