@@ -382,7 +382,7 @@ class SyncPlan:
     def _linked(self, path: bytes, p: scan.EntryInfo, t: scan.EntryInfo) -> bool:
         """Hard links: True if ``path`` is fully handled as another name of an inode seen before."""
         first = self._links.get(p.ino)
-        if first is not None:
+        if first is not None and first[0] != path:  # (the first name itself, compared again: as new)
             first_path, first_tino = first
             if first_tino is None or t.ino != first_tino:
                 self._difference(path, f"not a hard link of {os.fsdecode(first_path)} on the target")
@@ -480,7 +480,7 @@ class SyncPlan:
             return 0, True
         if action.kind == "link":
             src_st = scan.lstat(self.root_fd, action.src)
-            if st is not None and src_st is not None and st.st_ino == src_st.st_ino:
+            if st is not None and src_st is not None and st.st_ino == src_st.st_ino and action.src != path:
                 out.append(RemoveTreeOp(path))
                 out.append(LinkOp(action.src, path))
             else:

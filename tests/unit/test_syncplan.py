@@ -342,3 +342,23 @@ def test_metadata_an_op_changed_in_the_window_is_not_a_difference(dirs, verify: 
         os.close(tfd)
     if not verify:
         assert_trees_equal(a, b, mtime=True)
+
+
+def test_a_hard_linked_name_compared_again_is_not_linked_to_itself(dirs):
+    """A name copied whole (it has another name) and then compared again (a recheck) is the inode's
+    first name: it must not become a link of itself (the target removed it, then could not link it)."""
+    a, b = dirs
+    make_tree(a, {"x": b"shared"})
+    os.link(a / "x", a / "y")
+    pfd, tfd = _fd(a), _fd(b)
+    try:
+        plan = SyncPlan(pfd, owners=os.geteuid() == 0, paths=[b"x"], block_size=4096)
+        while not plan.has_repairs:  # missing on the target: a whole copy is queued
+            req, items = plan.next_query()
+            plan.compare(req, _target_answers(tfd, items, 4096), plan.primary_view(items), Touches())
+        plan.recheck(b"x")
+        _finish(plan, tfd)
+    finally:
+        os.close(pfd)
+        os.close(tfd)
+    assert (b / "x").read_bytes() == b"shared"
