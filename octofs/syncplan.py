@@ -55,9 +55,13 @@ from octofs.ops import (
 )
 
 MAX_ATTEMPTS = 5
+# A directory copied whole is rebuilt on the target, its whole tree sent again: a listing waits
+# longer for a quiet window (a listing is busy only while the directory itself or an ancestor moves).
+MAX_LIST_ATTEMPTS = 20
 QUERY_ITEMS = 256
 QUERY_HASH_BYTES = 64 * 2**20
 MAX_DIFFERENCE_LINES = 1000
+MAX_MOVED_PATHS = 100_000
 
 # Ops that change which entries exist (as opposed to data or metadata).
 _STRUCTURAL = ("CreateOp", "MkdirOp", "MknodOp", "SymlinkOp", "LinkOp", "UnlinkOp", "RmdirOp", "RenameOp",
@@ -83,6 +87,8 @@ class Touches:
     entries: set[bytes] = field(default_factory=set)  # paths created, removed or moved (either end)
     data: dict[bytes, list[tuple[int, int]]] = field(default_factory=dict)  # path -> (offset, end) written
     meta: set[bytes] = field(default_factory=set)  # setattr / xattr
+    upto: int = 0  # the window's last seq
+    names_changed: bool = False  # a link, unlink or rename (any path): link counts are unreliable
 
     def entry_touched(self, path: bytes) -> bool:
         """The entry at ``path`` or one of its ancestors was created, removed or moved."""
@@ -150,10 +156,16 @@ class SyncPlan:
         self._inflight: dict[int, list[tuple[str, bytes, int]]] = {}
         self._actions: deque[_Action] = deque()
         self._log: list[tuple[int, Op]] = []
-        self._links: dict[int, tuple[bytes, int | None]] = {}  # primary inode -> (first path, its target inode)
-        self._target_inodes: dict[int, int] = {}  # target inode -> primary inode it stands for
+        # primary inode -> (its first name compared, that name's target inode, the comparison's last seq)
+        self._links: dict[int, tuple[bytes, int | None, int]] = {}
+        # target inode -> (the primary inode it stands for, the name compared, the comparison's last seq)
+        self._target_inodes: dict[int, tuple[int, bytes, int]] = {}
         self._on_target: dict[int, bytes] = {}  # primary inode -> a name of it the target has (seen or repaired)
         self._stream_links: dict[bytes, set[bytes]] = {}  # path -> the names the stream linked it with
+        self._moved: dict[bytes, int] = {}  # path -> the last seq that created, removed or moved it
+        self._moved_floor = 0
+        self._last_seq = 0  # the last seq noted
+        self._shared: set[bytes] = set()  # regular files compared with more than one name
         self._size_hint: dict[bytes, int] = {}
         self._next_req = 1
         for p in (paths if paths is not None else [b""]):
@@ -241,6 +253,11 @@ class SyncPlan:
     def note(self, seq: int, op: Op) -> None:
         """Called for every op journaled while this plan lives (synchronously, from the recorder)."""
         self._log.append((seq, op))
+        self._last_seq = seq
+        if type(op).__name__ in _STRUCTURAL:
+            self._note_moved(op.path, seq)
+            if isinstance(op, (RenameOp, LinkOp)):
+                self._note_moved(op.src, seq)
         if isinstance(op, LinkOp):
             # The target links them too: a later whole copy of either must take the other along.
             self._stream_links.setdefault(op.src, set()).add(op.path)
@@ -251,9 +268,22 @@ class SyncPlan:
             if isinstance(op, RenameOp) and op.flags & 2:  # RENAME_EXCHANGE: both ends moved
                 self._push("stat", op.src, 0)
 
+    def _note_moved(self, path: bytes, seq: int) -> None:
+        if len(self._moved) >= MAX_MOVED_PATHS:  # bounded memory: older than this counts as moved
+            self._moved_floor = max(self._moved.values())
+            self._moved.clear()
+        self._moved[path] = seq
+
+    def _moved_since(self, path: bytes, seq: int) -> bool:
+        """Whether ``path`` or an ancestor was created, removed or moved after ``seq``."""
+        if seq < self._moved_floor:
+            return True
+        parts = path.split(b"/")
+        return any(self._moved.get(b"/".join(parts[:i]), -1) > seq for i in range(len(parts) + 1))
+
     def touches(self, after: int, upto: int) -> Touches:
         """Everything ops ``after < seq <= upto`` touched."""
-        t = Touches()
+        t = Touches(upto=upto)
         for seq, op in self._log:
             if seq <= after or seq > upto:
                 continue
@@ -262,6 +292,8 @@ class SyncPlan:
                 t.entries.add(op.path)
                 if isinstance(op, (RenameOp, LinkOp)):
                     t.entries.add(op.src)
+                if name in ("LinkOp", "UnlinkOp", "RenameOp"):
+                    t.names_changed = True
             elif isinstance(op, WriteOp):
                 t.data.setdefault(op.path, []).append((op.offset, op.offset + len(op.data)))
             elif isinstance(op, TruncateOp):
@@ -299,9 +331,10 @@ class SyncPlan:
         return bool(path) and bool(self.exclude) and self.exclude.excluded(path, is_dir)
 
     def _again(self, kind: str, path: bytes, attempts: int) -> None:
-        """Compare again later; after MAX_ATTEMPTS busy windows, copy it whole."""
+        """Compare again later; after MAX_ATTEMPTS busy windows (MAX_LIST_ATTEMPTS for a listing), copy it whole."""
         self.stats.rechecks += 1
-        if attempts + 1 >= MAX_ATTEMPTS and not self.verify and kind != "entry":
+        limit = MAX_LIST_ATTEMPTS if kind == "list" else MAX_ATTEMPTS
+        if attempts + 1 >= limit and not self.verify and kind != "entry":
             self._act(_Action("replace", path))
         else:
             self._push(kind if kind in ("list", "entry") else "stat", path, attempts + 1)
@@ -350,16 +383,20 @@ class SyncPlan:
             return
         if t is None:
             self._difference(path, f"missing on the target ({scan.kind_name(p.fmt)})")
-            self._replace(path, p)
+            self._replace(path, p, touched.upto)
             return
         diffs = scan.differences(p, t, owners=self.owners)
         if "type" in diffs:
             self._difference(path, f"{scan.kind_name(t.fmt)} on the target, {scan.kind_name(p.fmt)} here"
                              if p.fmt != t.fmt else "symlink target or device differs")
-            self._replace(path, p)
+            self._replace(path, p, touched.upto)
             return
-        if p.fmt == stat.S_IFREG and (p.nlink > 1 or t.nlink > 1) and self._linked(path, p, t):
-            return
+        # A hard-linked file's data and metadata ops may be journaled under any of its names.
+        shared = p.fmt == stat.S_IFREG and (p.nlink > 1 or t.nlink > 1)
+        if shared:
+            self._shared.add(path)
+            if self._linked(path, p, t, attempts, touched):
+                return
         if stat.S_ISDIR(p.fmt) and descend:
             self._push("list", path, 0)
         if p.fmt == stat.S_IFREG and (p.size or t.size or path in touched.data):
@@ -369,7 +406,9 @@ class SyncPlan:
             diffs = [d for d in diffs if d != "size"]  # decided by the content check
         # Fields an op of the window changed may differ only because the target has not
         # reached that op yet: not a difference, but set them again (a repair is always correct).
-        unsure = (_META_FIELDS if path in touched.meta else set()) | (_DATA_FIELDS if path in touched.data else set())
+        meta_touched = path in touched.meta or (shared and self._other_name_touched(p.ino, touched.meta, touched.data))
+        data_touched = path in touched.data or (shared and self._other_name_touched(p.ino, touched.data))
+        unsure = (_META_FIELDS if meta_touched else set()) | (_DATA_FIELDS if data_touched else set())
         sure = [d for d in diffs if d not in unsure]
         if sure:
             self._difference(path, "differs in " + ", ".join(sure))
@@ -379,42 +418,76 @@ class SyncPlan:
             else:
                 self._act(_Action("meta", path, target_xattrs=tuple(n for n, _ in t.xattrs)))
 
-    def _linked(self, path: bytes, p: scan.EntryInfo, t: scan.EntryInfo) -> bool:
-        """Hard links: True if ``path`` is fully handled as another name of an inode seen before."""
+    def _stale(self, first: tuple[bytes, int | None, int], ino: int) -> bool:
+        """Whether the record of an inode's first name no longer holds: that name is another inode
+        here now (inode numbers are reused at once), or it was created, removed or moved on the
+        target since it was compared."""
+        name, tino, seen = first
+        if tino is not None and self._moved_since(name, seen):
+            return True
+        st = scan.lstat(self.root_fd, name)
+        return st is None or st.st_ino != ino
+
+    def _other_name_touched(self, ino: int, *touched_paths) -> bool:
+        """Whether an op of the window changed a path that is (now) this inode here: a hard-linked
+        file's ops are journaled under one of its names, not necessarily the one compared."""
+        for paths in touched_paths:
+            for other in paths:
+                st = scan.lstat(self.root_fd, other)
+                if st is not None and st.st_ino == ino:
+                    return True
+        return False
+
+    def _linked(self, path: bytes, p: scan.EntryInfo, t: scan.EntryInfo, attempts: int, touched: Touches) -> bool:
+        """Hard links: True if ``path`` is fully handled as another name of an inode seen before.
+
+        What was recorded of another name holds only while that name has not been created, removed
+        or moved since its comparison (both sides reuse inode numbers at once); a stale record is
+        dropped, this name is compared as new and the other one again.
+        """
         first = self._links.get(p.ino)
         if first is not None and first[0] != path:  # (the first name itself, compared again: as new)
-            first_path, first_tino = first
-            if first_tino is None or t.ino != first_tino:
-                self._difference(path, f"not a hard link of {os.fsdecode(first_path)} on the target")
-                self._act(_Action("link", path, src=first_path))
-            return True
+            first_path, first_tino, _ = first
+            if not self._stale(first, p.ino):
+                if first_tino is None or t.ino != first_tino:
+                    self._difference(path, f"not a hard link of {os.fsdecode(first_path)} on the target")
+                    self._act(_Action("link", path, src=first_path))
+                return True
         claimed = self._target_inodes.get(t.ino)
-        if (claimed is not None and claimed != p.ino) or (p.nlink == 1 and t.nlink > 1):
+        if claimed is not None and (claimed[0] == p.ino or self._moved_since(claimed[1], claimed[2])):
+            claimed = None
+        if claimed is not None or (p.nlink == 1 and t.nlink > 1):
+            if claimed is None and touched.names_changed:
+                # A link or unlink of another name in the window may not have reached the target.
+                self._again("stat", path, attempts)
+                return True
             # The target's file is shared with a name the primary does not link: repairing it in
             # place would change the other name too. Give this name a file of its own.
             self._difference(path, "hard-linked on the target to another name")
-            self._links[p.ino] = (path, None)
-            self._replace(path, p)
+            self._links[p.ino] = (path, None, touched.upto)
+            self._replace(path, p, touched.upto)
             return True
-        self._links[p.ino] = (path, t.ino)
-        self._target_inodes[t.ino] = p.ino
+        self._links[p.ino] = (path, t.ino, touched.upto)
+        self._target_inodes[t.ino] = (p.ino, path, touched.upto)
         self._on_target.setdefault(p.ino, path)
         return False
 
-    def _replace(self, path: bytes, p: scan.EntryInfo) -> None:
+    def _replace(self, path: bytes, p: scan.EntryInfo, seen: int) -> None:
         if p.fmt == stat.S_IFREG and p.nlink > 1:
             first = self._links.get(p.ino)
-            if first is not None and first[0] != path:
+            if first is not None and first[0] != path and not self._stale(first, p.ino):
                 self._act(_Action("link", path, src=first[0]))
                 return
-            self._links[p.ino] = (path, None)
+            self._links[p.ino] = (path, None, seen)
         if p.fmt == stat.S_IFREG:
             self.stats.bytes_known += p.size
         self._act(_Action("replace", path))
 
     def _compare_hashes(self, path: bytes, attempts: int, t: object, p: tuple[int, int, bytes] | None,
                         touched: Touches) -> None:
-        if touched.entry_touched(path) or t is None or p is None:
+        if (touched.entry_touched(path) or t is None or p is None
+                or (path in self._shared and self._other_name_touched(p[1], touched.data))):
+            # (a hard-linked file may have been written under another name: which blocks is unknown)
             self._again("stat", path, attempts)
             return
         if not (isinstance(t, list) and len(t) == 3 and type(t[0]) is int and isinstance(t[2], bytes)):
@@ -460,7 +533,11 @@ class SyncPlan:
         used = 0
         while self._actions and used < budget:
             action = self._actions[0]
+            start = len(out)
             spent, finished = self._produce_one(action, out, budget - used)
+            for op in out[start:]:  # a repaired name may be another inode on the target now
+                if type(op).__name__ in _STRUCTURAL:
+                    self._note_moved(op.path, self._last_seq + 1)
             used += spent
             if finished:
                 self._actions.popleft()
@@ -529,7 +606,7 @@ class SyncPlan:
                 out.append(LinkOp(first, path))
                 return True
         self._on_target[st.st_ino] = path
-        self._links[st.st_ino] = (path, None)
+        self._links[st.st_ino] = (path, None, self._last_seq)
         return False
 
     def _relink_stream_names(self, path: bytes, st: os.stat_result, out: list[Op]) -> None:

@@ -94,8 +94,9 @@ class Workload(threading.Thread):
     exception is a failure: writes on the primary never fail because of a target.
     """
 
-    def __init__(self, root: Path, seed: int) -> None:
+    def __init__(self, root: Path, seed: int, *, pace_s: float = 0.0) -> None:
         super().__init__(name="workload", daemon=True)
+        self.pace_s = pace_s  # a pause after each iteration (a gentler load), not a synchronisation
         self.dir = root / "w"
         self.rng = random.Random(seed)
         self.iterations = 0
@@ -111,6 +112,8 @@ class Workload(threading.Thread):
             while not self._stop_event.is_set():
                 self.step(self.iterations)
                 self.iterations += 1
+                if self.pace_s:
+                    self._stop_event.wait(self.pace_s)
         except Exception as exc:  # noqa: BLE001 - reported by stop()
             self.error = exc
 

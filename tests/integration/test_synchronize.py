@@ -13,6 +13,7 @@ import random
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -267,6 +268,35 @@ def test_hard_links_made_while_synchronizes_run_stay_linked(tmp_path: Path, secr
     assert reports
     for r in reports:
         assert r["code"] == 0 and r["jobs"]["t1"]["differences"] == 0, r
+
+
+def test_synchronizes_in_a_loop_under_the_mixed_workload(tmp_path: Path, secret: Path, target: Serve):
+    """The replication Workload (renames over files, hard links made and unmade, chmod, xattrs,
+    directory renames...) through the mount while `octofs sync` runs again and again for 10 s: no
+    Synchronize fails or leaves the target needing a resync (a repair once linked a name to itself),
+    and the trees end identical."""
+    from tests.integration.test_replication import Workload
+    yml = vault_yaml(tmp_path, secret, {"t1": target.address_str})
+    jobs: list[dict] = []
+    with mounted(yml) as m:
+        wl = Workload(m.mnt, seed=11, pace_s=0.005)  # a few hundred ops/s
+        wl.start()
+        wl.wait_for(50)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline or len(jobs) < 2:
+            code, out, doc = sync_cli(m)
+            assert code == 0, out
+            jobs.append(doc["jobs"]["t1"])
+        wl.stop()
+        m.wait_synced(timeout=120)
+        assert m.target_status("t1")["consistent"] is True
+        assert target.vault_status("vault")["needs_resync"] is None
+        assert "needs a resync" not in m.log()
+        assert_trees_equal(m.backing, target.root / "vault", mtime=True)
+    # The target is a live mirror, so whatever a Synchronize finds here is a false difference; a few
+    # remain under this churn (an append seen without its op, a directory rebuilt then moved: see
+    # the closing note of 2026-11-25), so they are reported rather than asserted.
+    print(f"{len(jobs)} Synchronizes under the workload: differences {[j['differences'] for j in jobs]}")
 
 
 def test_interrupted_synchronize_resumes(tmp_path: Path, secret: Path, target: Serve):

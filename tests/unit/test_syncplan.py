@@ -362,3 +362,36 @@ def test_a_hard_linked_name_compared_again_is_not_linked_to_itself(dirs):
         os.close(pfd)
         os.close(tfd)
     assert (b / "x").read_bytes() == b"shared"
+
+
+def test_a_write_under_another_name_of_a_hard_linked_file_is_no_difference(dirs):
+    """The application writes a hard-linked file through one name (the op is journaled under it) while
+    the other name is compared, and the target has not applied the write yet: not a difference."""
+    a, b = dirs
+    make_tree(a, {"x": b"new content"})
+    os.link(a / "x", a / "y")
+    make_tree(b, {"x": b"old content"})
+    os.link(b / "x", b / "y")
+    for name in ("x", "y"):
+        st = os.stat(a / name)
+        os.utime(b / name, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.utime(b / "x", ns=(1, 1))  # and an mtime the write changed
+    pfd, tfd = _fd(a), _fd(b)
+    try:
+        plan = SyncPlan(pfd, owners=os.geteuid() == 0, paths=[b"y"], verify=True, block_size=4096)
+        written = Touches(data={b"x": [(0, 11)]})
+        for _ in range(3):  # the stat, then the hashes, in windows where the write is in flight
+            query = plan.next_query()
+            if query is None:
+                break
+            req, items = query
+            plan.compare(req, _target_answers(tfd, items, 4096), plan.primary_view(items), written)
+        assert plan.stats.differences == 0
+        (b / "x").write_bytes(b"new content")  # the stream catches up
+        st = os.stat(a / "x")
+        os.utime(b / "x", ns=(st.st_atime_ns, st.st_mtime_ns))
+        _finish(plan, tfd)
+        assert plan.stats.differences == 0, plan.lines
+    finally:
+        os.close(pfd)
+        os.close(tfd)
