@@ -321,7 +321,8 @@ class SyncPlan:
             elif kind in ("stat", "entry"):
                 t_info = None if t is None else scan.entry_from_wire(t)
                 if touched.entry_touched(path):
-                    self._again(kind, path, attempts)
+                    self._again(kind, path, attempts, is_dir=any(e is not None and stat.S_ISDIR(e.fmt)
+                                                                 for e in (p, t_info)))
                 elif not self._excluded(path, (p or t_info) is not None and stat.S_ISDIR((p or t_info).fmt)):
                     self._compare_entry(path, p, t_info, attempts, touched, descend=kind == "stat")
             else:
@@ -330,10 +331,11 @@ class SyncPlan:
     def _excluded(self, path: bytes, is_dir: bool) -> bool:
         return bool(path) and bool(self.exclude) and self.exclude.excluded(path, is_dir)
 
-    def _again(self, kind: str, path: bytes, attempts: int) -> None:
-        """Compare again later; after MAX_ATTEMPTS busy windows (MAX_LIST_ATTEMPTS for a listing), copy it whole."""
+    def _again(self, kind: str, path: bytes, attempts: int, *, is_dir: bool = False) -> None:
+        """Compare again later; after MAX_ATTEMPTS busy windows (MAX_LIST_ATTEMPTS for a directory or
+        its listing), copy it whole."""
         self.stats.rechecks += 1
-        limit = MAX_LIST_ATTEMPTS if kind == "list" else MAX_ATTEMPTS
+        limit = MAX_LIST_ATTEMPTS if kind == "list" or is_dir else MAX_ATTEMPTS
         if attempts + 1 >= limit and not self.verify and kind != "entry":
             self._act(_Action("replace", path))
         else:
@@ -369,7 +371,7 @@ class SyncPlan:
             if self._excluded(path, is_dir) or self._resumed_past(path):
                 continue
             if touched.entry_touched(path):
-                self._again("stat", path, 0)
+                self._again("stat", path, 0, is_dir=is_dir)
                 continue
             self._compare_entry(path, pe, te, 0, touched)
 
