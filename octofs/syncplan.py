@@ -166,6 +166,7 @@ class SyncPlan:
         self._moved_floor = 0
         self._last_seq = 0  # the last seq noted
         self._shared: set[bytes] = set()  # regular files compared with more than one name
+        self._joined: dict[int, dict[bytes, tuple[bytes, int]]] = {}  # inode -> {name: (linked to, at seq)} by repairs
         self._size_hint: dict[bytes, int] = {}
         self._next_req = 1
         for p in (paths if paths is not None else [b""]):
@@ -451,6 +452,9 @@ class SyncPlan:
         if first is not None and first[0] != path:  # (the first name itself, compared again: as new)
             first_path, first_tino, _ = first
             if not self._stale(first, p.ino):
+                joined = self._joined.get(p.ino, {}).get(path)
+                if joined is not None and joined[0] == first_path and not self._moved_since(path, joined[1]):
+                    return True  # a repair of this Synchronize linked it to the first name
                 if first_tino is None or t.ino != first_tino:
                     self._difference(path, f"not a hard link of {os.fsdecode(first_path)} on the target")
                     self._act(_Action("link", path, src=first_path))
@@ -562,6 +566,7 @@ class SyncPlan:
             if st is not None and src_st is not None and st.st_ino == src_st.st_ino and action.src != path:
                 out.append(RemoveTreeOp(path))
                 out.append(LinkOp(action.src, path))
+                self._join(st.st_ino, path, action.src)
             else:
                 self._push("stat", path, action.attempts + 1)
             return 0, True
@@ -606,10 +611,17 @@ class SyncPlan:
             if other is not None and other.st_ino == st.st_ino:
                 out.append(RemoveTreeOp(path))
                 out.append(LinkOp(first, path))
+                self._join(st.st_ino, path, first)
                 return True
         self._on_target[st.st_ino] = path
         self._links[st.st_ino] = (path, None, self._last_seq)
         return False
+
+    def _join(self, ino: int, name: bytes, src: bytes) -> None:
+        """``name`` was just linked, on the target, to ``src`` (a name of ``ino``) by a repair being
+        produced: compared later while ``src`` is the first name on record, it is that name's link
+        unless it has moved since (the repair marks it moved at the next seq, hence that seq)."""
+        self._joined.setdefault(ino, {})[name] = (src, self._last_seq + 1)
 
     def _relink_stream_names(self, path: bytes, st: os.stat_result, out: list[Op]) -> None:
         """After a whole copy of ``path`` (a new inode on the target): link to it the names that the
@@ -631,6 +643,7 @@ class SyncPlan:
                 if other is not None and other.st_ino == st.st_ino:
                     out.append(RemoveTreeOp(name))
                     out.append(LinkOp(path, name))
+                    self._join(st.st_ino, name, path)
 
     def _xattrs(self, path: bytes) -> tuple[tuple[bytes, bytes], ...]:
         info = scan.stat_path(self.root_fd, path)
