@@ -444,9 +444,9 @@ class SyncPlan:
     def _linked(self, path: bytes, p: scan.EntryInfo, t: scan.EntryInfo, attempts: int, touched: Touches) -> bool:
         """Hard links: True if ``path`` is fully handled as another name of an inode seen before.
 
-        What was recorded of another name holds only while that name has not been created, removed
-        or moved since its comparison (both sides reuse inode numbers at once); a stale record is
-        dropped, this name is compared as new and the other one again.
+        What was recorded of another name holds only while that name is still this inode here and
+        has not been created, removed or moved since its comparison (both sides reuse inode numbers
+        at once, ``_stale``); otherwise this name is compared as new and replaces the record.
         """
         first = self._links.get(p.ino)
         if first is not None and first[0] != path:  # (the first name itself, compared again: as new)
