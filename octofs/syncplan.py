@@ -409,8 +409,10 @@ class SyncPlan:
             diffs = [d for d in diffs if d != "size"]  # decided by the content check
         # Fields an op of the window changed may differ only because the target has not
         # reached that op yet: not a difference, but set them again (a repair is always correct).
-        meta_touched = path in touched.meta or (shared and self._other_name_touched(p.ino, touched.meta, touched.data))
-        data_touched = path in touched.data or (shared and self._other_name_touched(p.ino, touched.data))
+        other_data = shared and self._other_name_touched(p.ino, touched.data)
+        other_meta = other_data or (shared and self._other_name_touched(p.ino, touched.meta))
+        meta_touched = path in touched.meta or other_meta
+        data_touched = path in touched.data or other_data
         unsure = (_META_FIELDS if meta_touched else set()) | (_DATA_FIELDS if data_touched else set())
         sure = [d for d in diffs if d not in unsure]
         if sure:
