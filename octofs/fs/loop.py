@@ -16,8 +16,9 @@ few µs (docs/PERFORMANCE.md, "The FUSE loop").
   when the waiter takes a request. pyfuse3 grows its pool towards ``max_tasks``
   (it no longer sees idle readers), and each worker's receive buffer keeps every
   page a request ever wrote into it (up to 1 MiB): so a worker new to this wait
-  parks at the *bottom* while others are around, and LIFO keeps the same two or
-  three workers busy. A new one is woken only when all before it are busy in
+  parks at the *bottom* while others are around (or woken and not yet run), and
+  again at the bottom when it is woken and finds the place taken; LIFO keeps the
+  same two or three workers busy. A new one is woken only when all before it are busy in
   handlers at once. After a burst of concurrent requests, a worker that holds a
   buffer and finds ``KEEP_IDLE`` such workers parked already ends (the wait returns
   False: pyfuse3 frees its buffer and starts a fresh worker when it needs one), so
@@ -77,6 +78,7 @@ class RequestWait:
         self._known: set[trio.lowlevel.Task] = set()  # workers that waited here before
         self._used: set[trio.lowlevel.Task] = set()  # workers that took a request (they hold a receive buffer)
         self._fresh_parked = 0  # parked workers not in _used: the bottom of the stack
+        self._woken = 0  # parked workers woken that have not run yet (they will wait or park again)
         self._poller = select.poll()
         self._poller.register(fd, select.POLLIN)
         self._last_yield = time.perf_counter()
@@ -86,7 +88,7 @@ class RequestWait:
         task = trio.lowlevel.current_task()
         if task not in self._known:
             self._known.add(task)
-            if self._waiting or self._parked:  # a worker pyfuse3 just started: the last to be woken
+            if self._waiting or self._parked or self._woken:  # a worker pyfuse3 just started: the last to be woken
                 await self._park(bottom=True)
         while self._waiting:
             if task in self._used and len(self._parked) - self._fresh_parked >= KEEP_IDLE:
@@ -96,7 +98,7 @@ class RequestWait:
                 self._used.discard(task)
                 self.retired += 1
                 return False
-            await self._park()
+            await self._park(bottom=task not in self._used)  # a fresh worker stays below those with a buffer
         if self.closed:
             self._wake_one()  # pass the news on
             return False
@@ -142,12 +144,14 @@ class RequestWait:
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
+        self._woken -= 1
 
     def _wake_one(self) -> None:
         if self._parked:
             task = self._parked.pop()
             if task not in self._used:
                 self._fresh_parked -= 1
+            self._woken += 1
             trio.lowlevel.reschedule(task)
 
 
