@@ -96,35 +96,42 @@ def primary_time(info: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     max_s = parse_max(args.max)
+    if args.exec_cmd is not None:
+        return run_exec(args, max_s)
     info = control(args, "freeze", vault=args.vault, max_s=max_s)
-    if args.exec_cmd is None:
-        if args.json:
-            print(json.dumps(info))
-        elif not args.quiet:
-            print(f"octofs: vault {args.vault} frozen at seq {info['seq']} (primary time {primary_time(info)}); "
-                  f"{info['replica_dir']} stays as it is until `octofs thaw {args.vault}` or {iso(info['until'])}")
-        return 0
-    return run_exec(args, info)
-
-
-def run_exec(args: argparse.Namespace, info: dict[str, Any]) -> int:
-    env = {**os.environ, "OCTOFS_VAULT": args.vault, "OCTOFS_COPY": info["replica_dir"],
-           "OCTOFS_SEQ": str(info["seq"]),
-           "OCTOFS_PRIMARY_TIME_NS": "" if info.get("primary_time_ns") is None else str(info["primary_time_ns"])}
-    if not args.quiet and not args.json:
+    if args.json:
+        print(json.dumps(info))
+    elif not args.quiet:
         print(f"octofs: vault {args.vault} frozen at seq {info['seq']} (primary time {primary_time(info)}); "
-              f"running: {args.exec_cmd}", file=sys.stderr)
+              f"{info['replica_dir']} stays as it is until `octofs thaw {args.vault}` or {iso(info['until'])}")
+    return 0
+
+
+def run_exec(args: argparse.Namespace, max_s: float) -> int:
+    # SIGTERM (a scheduler stopping the backup) as an exception: CMD is then killed, and the thaw below
+    # still runs; otherwise the vault would stay frozen until --max.
+    # SIGTERM is held off from before the freeze is asked for until CMD has started: arriving in between,
+    # it would end the CLI with the vault frozen, or (inside Popen) leave CMD running, holding our stdout
+    # and stderr, with no one to kill it. CMD itself starts with it unblocked.
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        info = control(args, "freeze", vault=args.vault, max_s=max_s)
+    except BaseException:  # nothing is frozen: a SIGTERM held meanwhile now ends the CLI as it would have
+        signal.signal(signal.SIGTERM, previous)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        raise
     started = time.monotonic()
     rc: int | None = None
-    # SIGTERM (a scheduler stopping the backup) as an exception: subprocess.call then kills CMD, and the
-    # thaw below still runs; otherwise the vault would stay frozen until --max.
-    # SIGTERM is held off while CMD is started: arriving inside Popen, it would leave CMD running
-    # (holding our stdout and stderr) with no one to kill it. CMD itself starts with it unblocked.
     child: subprocess.Popen | None = None
-    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
+            env = {**os.environ, "OCTOFS_VAULT": args.vault, "OCTOFS_COPY": info["replica_dir"],
+                   "OCTOFS_SEQ": str(info["seq"]), "OCTOFS_PRIMARY_TIME_NS":
+                   "" if info.get("primary_time_ns") is None else str(info["primary_time_ns"])}
+            if not args.quiet and not args.json:
+                print(f"octofs: vault {args.vault} frozen at seq {info['seq']} (primary time "
+                      f"{primary_time(info)}); running: {args.exec_cmd}", file=sys.stderr)
             child = subprocess.Popen(args.exec_cmd, shell=True, env=env, preexec_fn=_unblock_sigterm)  # noqa: PLW1509 (single-threaded CLI)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # a pending one is raised here
