@@ -105,6 +105,7 @@ class Postgres:
 
     def __init__(self, datadir: Path, sockdir: Path, log: Path) -> None:
         self.datadir, self.sockdir, self.log_path = datadir, sockdir, log
+        self._segments: set[Path] = set()
         env = {"PATH": f"{PGBIN}:/usr/bin:/bin", "HOME": "/tmp", "LC_ALL": "C.UTF-8"}
         with open(log, "ab") as logf:
             self.proc = subprocess.Popen(
@@ -136,8 +137,11 @@ class Postgres:
         return r.stdout
 
     def kill_all(self) -> list[int]:
-        """SIGKILL the postmaster and every child it has; returns the children's pids."""
+        """SIGKILL the postmaster and every child it has; returns the children's pids. The dynamic
+        shared memory segments they map (/dev/shm/PostgreSQL.*, which a killed server leaves behind)
+        are noted, for ``reap`` to remove."""
         kids = _children(self.proc.pid)
+        self._segments.update(_dsm_segments([self.proc.pid, *kids]))
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.proc.pid, signal.SIGKILL)
         for k in kids:
@@ -150,6 +154,10 @@ class Postgres:
         # The children are reparented to init; wait until they are gone for real.
         wait_until(lambda: not any(Path(f"/proc/{k}").exists() and _is_postgres(k) for k in kids), timeout=30,
                    what="the postmaster's children to die")
+        for seg in self._segments:  # nobody maps them any more
+            with contextlib.suppress(FileNotFoundError):
+                seg.unlink()
+        self._segments.clear()
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT); SIGKILL if it hangs."""
@@ -159,6 +167,19 @@ class Postgres:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.reap(self.kill_all())
+
+
+def _dsm_segments(pids: list[int]) -> set[Path]:
+    """The /dev/shm/PostgreSQL.* files that the processes ``pids`` have mapped."""
+    found = set()
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            continue
+        found.update(Path(line.split(None, 5)[5]) for line in maps.splitlines()
+                     if line.count(" ") >= 5 and "/dev/shm/PostgreSQL." in line)
+    return found
 
 
 def _is_postgres(pid: int) -> bool:
