@@ -2,13 +2,19 @@
 
 The serve daemon is replaced by a stand-in ``control`` (the whole command, daemon included, runs in
 tests/integration/test_freeze.py); the signal, the shell and CMD are real.
+
+The signal goes to the main thread (``pthread_kill``), not to the process (``os.kill``): the CLI has
+one thread, so a kill reaches that thread, the one whose mask holds SIGTERM off. The pytest process
+has others (trio's idle worker threads from earlier tests, SIGTERM unblocked in them): the kernel gave
+a process-directed SIGTERM to one of those, and Python ran the handler in the main thread at once,
+mask or not (both tests failed in every run of tests/unit after test_freeze.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +25,11 @@ from octofs.cli import freeze_cmd
 
 def _args(tmp_path: Path, cmd: str) -> argparse.Namespace:
     return argparse.Namespace(vault="v", root=str(tmp_path), max="1h", exec_cmd=cmd, json=False, quiet=True)
+
+
+def _sigterm() -> None:
+    """A kill of the (single-threaded) CLI: SIGTERM to the thread that runs it (see the docstring above)."""
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
 
 
 @pytest.fixture
@@ -40,7 +51,7 @@ def test_sigterm_with_the_freeze_reply_kills_cmd_and_thaws(tmp_path: Path, monke
     def control(args: argparse.Namespace, cmd: str, **fields: Any) -> dict[str, Any]:
         calls.append((cmd, fields))
         if cmd == "freeze":
-            os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's stop, as the reply comes back
+            _sigterm()  # the scheduler's stop, as the reply comes back
             return {"id": 7, "seq": 12, "replica_dir": str(tmp_path), "primary_time_ns": None, "max_s": 3600.0}
         return {"ok": True, "status": "thawed"}
 
@@ -57,7 +68,7 @@ def test_sigterm_with_the_freeze_reply_kills_cmd_and_thaws(tmp_path: Path, monke
 def test_a_refused_freeze_leaves_sigterm_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      leaked: list[int]):
     def control(args: argparse.Namespace, cmd: str, **fields: Any) -> dict[str, Any]:
-        os.kill(os.getpid(), signal.SIGTERM)  # held while the request is out
+        _sigterm()  # held while the request is out
         raise freeze_cmd.FreezeError(vault="v", reason="no such vault")
 
     monkeypatch.setattr(freeze_cmd, "control", control)
