@@ -196,7 +196,10 @@ def list_dir(root_fd: int, path: bytes) -> list[EntryInfo] | None:
 def file_hashes(root_fd: int, path: bytes, block_size: int = BLOCK_SIZE) -> tuple[int, int, bytes] | None:
     """``(size, inode, digests)`` of the regular file ``path``; None if it is not one.
 
-    ``digests`` is the concatenation of one ``DIGEST_BYTES`` digest per block.
+    ``digests`` is the concatenation of one ``DIGEST_BYTES`` digest per block: block ``i`` is bytes
+    ``i * block_size`` up to the next multiple, or to the end of the file as read. A file that grows
+    while it is read (an application appending) keeps its blocks aligned: a short read is topped up
+    from the same block before the next one starts, and ``size`` is where reading ended.
     """
     fd = open_regular(root_fd, path)
     if fd is None:
@@ -209,8 +212,15 @@ def file_hashes(root_fd: int, path: bytes, block_size: int = BLOCK_SIZE) -> tupl
             data = os.pread(fd, block_size, offset)
             if not data:
                 break
+            while len(data) < block_size:  # the end of the file, or it grew since: fill the block
+                more = os.pread(fd, block_size - len(data), offset + len(data))
+                if not more:
+                    break
+                data += more
             out += hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
             offset += len(data)
+            if len(data) < block_size:
+                break
         return offset, st.st_ino, bytes(out)
     finally:
         os.close(fd)
