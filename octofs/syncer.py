@@ -88,6 +88,7 @@ class SyncJob:
     plan: SyncPlan | None = None
     done: trio.Event = field(default_factory=trio.Event)
     lines: list[str] = field(default_factory=list)
+    unverified_lines: list[str] = field(default_factory=list)
     differences: int = 0
 
     # -- persistence (primary state dir: targets/NAME.sync) ----------------------------
@@ -126,11 +127,12 @@ class SyncJob:
             out.update({
                 "dirs": s.dirs, "files": s.files, "bytes_compared": s.bytes_compared, "bytes_known": s.bytes_known,
                 "repair_bytes": s.repair_bytes, "repairs": s.repairs, "differences": s.differences,
-                "rechecks": s.rechecks, "pending": self.plan.pending,
+                "rechecks": s.rechecks, "unverified": s.unverified, "pending": self.plan.pending,
                 "rate_bps": round(rate), "eta_s": round(remaining / rate, 1) if rate > 0 else None,
             })
         if self.verify and self.state == "done":
             out["lines"] = self.lines
+            out["unverified_lines"] = self.unverified_lines
         return out
 
 
@@ -254,6 +256,7 @@ async def drive(job: SyncJob, link: SyncLink, *, recorder: Recorder, backing_fd:
         recorder.listeners.remove(plan.note)
     job.differences = plan.stats.differences
     job.lines = plan.lines
+    job.unverified_lines = plan.unverified_lines
     job.state = "done"
     job.finished = time.time()
     job.done.set()

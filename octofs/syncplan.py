@@ -58,6 +58,9 @@ MAX_ATTEMPTS = 5
 # A directory copied whole is rebuilt on the target, its whole tree sent again: a listing waits
 # longer for a quiet window (a listing is busy only while the directory itself or an ancestor moves).
 MAX_LIST_ATTEMPTS = 20
+# A verify-only pass cannot copy a path that changes in every window: after this many busy windows it
+# reports the path as not verified (an application writing it all along) and goes on.
+MAX_VERIFY_ATTEMPTS = 20
 QUERY_ITEMS = 256
 QUERY_HASH_BYTES = 64 * 2**20
 MAX_DIFFERENCE_LINES = 1000
@@ -114,6 +117,7 @@ class Stats:
     repairs: int = 0
     differences: int = 0
     rechecks: int = 0
+    unverified: int = 0  # verify: paths busy in every window, left unverified
 
 
 @dataclass
@@ -151,6 +155,8 @@ class SyncPlan:
         self.resume_key = path_key(cursor) if cursor else None
         self.stats = Stats()
         self.lines: list[str] = []  # differences found (verify), capped
+        self.unverified_lines: list[str] = []  # verify: paths busy in every window, capped
+        self._unverified: set[bytes] = set()
         self._queue: list[tuple[tuple[bytes, ...], str, bytes, int]] = []
         self._queued: set[tuple[str, bytes]] = set()
         self._inflight: dict[int, list[tuple[str, bytes, int]]] = {}
@@ -334,8 +340,18 @@ class SyncPlan:
 
     def _again(self, kind: str, path: bytes, attempts: int, *, is_dir: bool = False) -> None:
         """Compare again later; after MAX_ATTEMPTS busy windows (MAX_LIST_ATTEMPTS for a directory or
-        its listing), copy it whole."""
+        its listing), copy it whole; a verify gives up after MAX_VERIFY_ATTEMPTS (``unverified``)."""
         self.stats.rechecks += 1
+        if self.verify and attempts + 1 >= MAX_VERIFY_ATTEMPTS:
+            if path in self._unverified:  # (its hashes and its entry may each get here)
+                return
+            self._unverified.add(path)
+            self.stats.unverified += 1
+            if len(self.unverified_lines) < MAX_DIFFERENCE_LINES:
+                what = "its listing" if kind == "list" else "it"
+                self.unverified_lines.append(f"{os.fsdecode(path) or '/'}: changed during each of "
+                                             f"{attempts + 1} comparisons of {what}: not verified")
+            return
         limit = MAX_LIST_ATTEMPTS if kind == "list" or is_dir else MAX_ATTEMPTS
         if attempts + 1 >= limit and not self.verify and kind != "entry":
             self._act(_Action("replace", path))

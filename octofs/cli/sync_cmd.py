@@ -86,7 +86,11 @@ def run(args: argparse.Namespace) -> int:
             shown = len(job.get("lines", []))
             if job.get("differences", 0) > shown:
                 print(f"{target}: ... and {job['differences'] - shown} more")
+            for line in job.get("unverified_lines", []):
+                print(f"{target}: {line}")
             verdict = "identical" if not job.get("differences") else f"{job['differences']} difference(s)"
+            if job.get("unverified"):
+                verdict += f", {job['unverified']} path(s) changing throughout, not verified"
             print(f"octofs: target {target}: {verdict} ({_describe(job)} in {job['elapsed_s']:.2f} s)")
         else:
             print(f"octofs: target {target}: Synchronize done in {job['elapsed_s']:.2f} s: "

@@ -11,7 +11,7 @@ import pytest
 from octofs import apply, scan
 from octofs.exclude import ExcludeFilter
 from octofs.ops import Record
-from octofs.syncplan import SyncPlan, Touches
+from octofs.syncplan import MAX_VERIFY_ATTEMPTS, SyncPlan, Touches
 from octofs.tree import assert_trees_equal, tree_snapshot
 from tests.support.planted import PLANTED_PHRASES, make_tree, plant_differences
 
@@ -460,3 +460,32 @@ def test_a_log_appended_while_compared_is_no_difference(dirs, monkeypatch: pytes
     finally:
         os.close(pfd)
         os.close(tfd)
+
+
+def test_verify_of_a_path_busy_in_every_window_ends_and_says_so(dirs):
+    """A verify cannot copy a file that changes in every window (an application appending all along):
+    after MAX_VERIFY_ATTEMPTS busy windows it lists it as not verified, no difference, and ends (it
+    compared it again forever before)."""
+    a, b = dirs
+    make_tree(a, {"log": b"x" * 5000, "quiet": b"q"})
+    make_tree(b, {"log": b"x" * 4000, "quiet": b"Q"})  # and a real difference elsewhere
+    for name in ("log", "quiet"):
+        st = os.stat(a / name)
+        os.utime(b / name, ns=(st.st_atime_ns, st.st_mtime_ns - (name == "log")))
+    pfd, tfd = _fd(a), _fd(b)
+    try:
+        plan = SyncPlan(pfd, owners=os.geteuid() == 0, verify=True, block_size=4096)
+        busy = Touches(data={b"log": [(4000, 5000)]})  # the target is always one append behind
+        for _ in range(100):
+            query = plan.next_query()
+            if query is None:
+                break
+            req, items = query
+            plan.compare(req, _target_answers(tfd, items, 4096), plan.primary_view(items), busy)
+        assert plan.done
+    finally:
+        os.close(pfd)
+        os.close(tfd)
+    assert plan.lines == ["quiet: content differs (1 of 1 blocks)"]  # the rest was compared
+    assert plan.stats.unverified == 1
+    assert plan.unverified_lines == [f"log: changed during each of {MAX_VERIFY_ATTEMPTS} comparisons of it: not verified"]
