@@ -26,6 +26,7 @@ WORKLOADS = {"seq-write-1m-fsync": "MiB/s", "rand-write-4k-fsync": "ops/s", "ran
              "sqlite-delete-extra": "tx/s", "pgbench": "tps"}
 # pgbench needs Debian's postgresql (scripts/setup installs it; CI has it) and root.
 HAVE_POSTGRES = bool(glob.glob("/usr/lib/postgresql/*/bin/pgbench")) and os.geteuid() == 0
+BENCH_HANG_S = 600  # see test_bench_quick_json
 
 
 @pytest.fixture
@@ -42,13 +43,26 @@ def public_tmp() -> Iterator[Path]:
 
 def test_bench_quick_json(public_tmp: Path) -> None:
     work = public_tmp / "bench"
-    res = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--reps", "1", "--json",
-         "--workdir", str(work)],
+    args = [sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--reps", "1", "--json",
+            "--workdir", str(work)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
         # A guard against a hang, not a speed limit: the quick run takes about 40-80 s on 2 shared cores
-        # (PostgreSQL's initdb on each side is most of it).
-        check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+        # (PostgreSQL's initdb on each side is most of it), and took over 300 s with the machine at load 8.
+        out, err = proc.communicate(timeout=BENCH_HANG_S)
+    except subprocess.TimeoutExpired:
+        # SIGTERM, not subprocess.run's SIGKILL: bench.py then unmounts and stops what it started (a SIGKILL
+        # left its three mounts and their daemons running for the rest of the suite).
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        pytest.fail(f"scripts/bench --quick still running after {BENCH_HANG_S} s (ended, exit {proc.returncode}):\n"
+                    f"{out}{err}")
+    res = subprocess.CompletedProcess(args, proc.returncode, out, err)
     assert res.returncode == 0, res.stdout + res.stderr
     doc = json.loads(res.stdout)  # stdout is exactly one JSON document
     assert doc["reps"] == 1 and doc["quick"] is True
