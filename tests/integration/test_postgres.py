@@ -220,6 +220,19 @@ class Writer(threading.Thread):
                 self.acked += 1
 
 
+def _crash_together(pg: Postgres, m: MountHandle, writer: threading.Thread) -> None:
+    """The crash: PostgreSQL and the primary's mount daemon SIGKILLed together; the writer ends, the
+    server's processes are reaped, and the dead daemon's stale mount is unmounted."""
+    kids = _children(pg.proc.pid)
+    os.kill(m.proc.pid, signal.SIGKILL)
+    kids += pg.kill_all()
+    writer.join(60)
+    assert not writer.is_alive(), "the writer is stuck"
+    pg.reap(kids)
+    m.proc.wait(10)
+    assert run_octofs("umount", str(m.mnt)).returncode == 0
+
+
 def _ledger(path: Path) -> list[int]:
     return [int(x) for x in path.read_text().split()] if path.exists() else []
 
@@ -310,16 +323,8 @@ def test_postgres_killed_with_the_primary(base: Path) -> None:
                         t = m.target_status("t1")
                         assert (t["mode"], t["sync_state"]) == ("sync", "sync"), t  # every commit waited for the target
                         time.sleep(rng.random() * 0.3)  # kill in the middle of some commit
-                        # The crash: PostgreSQL and the primary's daemon die together.
-                        kids = _children(pg.proc.pid)
-                        os.kill(m.proc.pid, signal.SIGKILL)
-                        kids += pg.kill_all()
-                        writer.join(60)
-                        assert not writer.is_alive(), "the writer is stuck"
-                        pg.reap(kids)
+                        _crash_together(pg, m, writer)
                         pg = None
-                        m.proc.wait(10)
-                        assert run_octofs("umount", str(m.mnt)).returncode == 0  # the stale mount
                     finally:  # never unmount under a running server
                         if pg is not None:
                             pg.reap(pg.kill_all())
@@ -433,15 +438,8 @@ def test_postgres_target_killed_during_sync_workload(base: Path, on_timeout: str
                     m.wait_synced(90)
                     assert m.target_status("t1")["sync_state"] == "sync"
                     time.sleep(rng.random() * 0.2)  # kill in the middle of some commit
-                    kids = _children(pg.proc.pid)
-                    os.kill(m.proc.pid, signal.SIGKILL)
-                    kids += pg.kill_all()
-                    writer.join(60)
-                    assert not writer.is_alive(), "the writer is stuck"
-                    pg.reap(kids)
+                    _crash_together(pg, m, writer)
                     pg = None
-                    m.proc.wait(10)
-                    assert run_octofs("umount", str(m.mnt)).returncode == 0  # the stale mount
                 finally:  # never unmount under a running server
                     if pg is not None:
                         pg.reap(pg.kill_all())
