@@ -184,8 +184,8 @@ async def test_handshake_apply_ack_and_status(target, root: Path) -> None:
         assert (v["applied_seq"], v["durable_seq"], v["connected"], v["needs_resync"]) == (5, 5, True, None)
         assert v["peer"].startswith("127.0.0.1:") and 0 <= v["last_heartbeat_age_s"] < 10
         await p.aclose()
-        await trio.sleep(0.1)
-        [v] = (await status(root))["vaults"]
+        while (v := (await status(root))["vaults"][0])["connected"]:  # until the target has seen the close
+            await trio.sleep(0.01)
         assert v["connected"] is False and v["peer"] is None
 
 
